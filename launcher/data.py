@@ -1,0 +1,240 @@
+"""Data: load splits (Hub or local files), carve missing splits, validate, tokenize once, cache.
+
+Everything that can be wrong with the data is found here, before a run directory is created or a
+model is loaded, and reported as one line naming the split, file and row.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+from contextlib import nullcontext
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import numpy as np
+
+from .errors import DataError
+from .paths import resolve_path
+from .recipe import Recipe, recipe_base_dir
+
+CACHE_VERSION = 1
+SPLITS = ("train", "validation", "test")
+_FORMATS = {
+    ".csv": ("csv", {}),
+    ".tsv": ("csv", {"delimiter": "\t"}),
+    ".json": ("json", {}),
+    ".jsonl": ("json", {}),
+    ".parquet": ("parquet", {}),
+}
+_COMPRESSIONS = (".gz", ".bz2", ".xz", ".zst", ".lz4")
+
+
+@dataclass
+class PreparedData:
+    raw: dict = field(default_factory=dict)  # split -> datasets.Dataset (validated raw rows)
+    features: dict = field(default_factory=dict)  # split -> tokenized datasets.Dataset
+    sources: dict = field(default_factory=dict)  # split -> where it came from (for messages)
+    dropped: dict = field(default_factory=dict)  # split -> rows dropped (data.drop_other_labels)
+    cached: dict = field(default_factory=dict)  # split -> True if features came from the cache
+
+
+def _quiet_datasets() -> None:
+    import datasets
+
+    datasets.disable_progress_bars()
+    datasets.logging.set_verbosity_error()
+
+
+def file_format(path: Path) -> tuple[str, dict]:
+    suffixes = [s.lower() for s in path.suffixes]
+    if suffixes and suffixes[-1] in _COMPRESSIONS:
+        suffixes = suffixes[:-1]
+    if not suffixes or suffixes[-1] not in _FORMATS:
+        raise DataError(
+            f"{path}: unknown file type; use .csv, .tsv, .json, .jsonl or .parquet (optionally .gz/.bz2/.xz/.zst)"
+        )
+    return _FORMATS[suffixes[-1]]
+
+
+def _root_cause(exc: BaseException) -> BaseException:
+    seen = set()
+    while id(exc) not in seen:
+        seen.add(id(exc))
+        nxt = exc.__cause__ or exc.__context__
+        if nxt is None:
+            break
+        exc = nxt
+    return exc
+
+
+def load_file(path: Path, key: str):
+    import datasets
+
+    if not path.exists():
+        raise DataError(f"{key}: file {path} not found")
+    if path.is_dir():
+        raise DataError(f"{key}: {path} is a directory; name a data file")
+    if path.stat().st_size == 0:
+        raise DataError(f"{key}: {path} is empty (0 bytes)")
+    builder, options = file_format(path)
+    try:
+        return datasets.load_dataset(builder, data_files={"data": str(path)}, split="data", **options)
+    except Exception as exc:  # datasets wraps parser errors in DatasetGenerationError
+        cause = _root_cause(exc)
+        if isinstance(cause, UnicodeDecodeError):
+            raise DataError(
+                f"{key}: {path} is not UTF-8 text (byte 0x{cause.object[cause.start]:02x} at offset "
+                f"{cause.start}); convert it, e.g. iconv -f latin1 -t utf-8"
+            ) from None
+        message = str(cause).strip().splitlines()[0] if str(cause).strip() else type(cause).__name__
+        raise DataError(f"{key}: {path} could not be read as {builder}: {message}") from None
+
+
+def load_hub_splits(recipe: Recipe) -> dict:
+    import datasets
+
+    data = recipe.data
+    try:
+        loaded = datasets.load_dataset(data.dataset, data.dataset_config)
+    except Exception as exc:
+        cause = _root_cause(exc)
+        message = str(cause).strip().splitlines()[0] if str(cause).strip() else type(cause).__name__
+        raise DataError(
+            f"data.dataset: could not load {data.dataset!r} from the Hugging Face Hub ({message}); "
+            f"without network, point data.train/validation/test at local files"
+        ) from None
+    splits = {}
+    for split in SPLITS:
+        name = getattr(data, split) or (split if split == "train" else None)
+        if name is None:
+            continue
+        if name not in loaded:
+            raise DataError(f"data.{split}: the dataset {data.dataset!r} has no split {name!r}; it has {list(loaded)}")
+        splits[split] = loaded[name]
+    return splits
+
+
+def _carve(dataset, size: float, seed: int, what: str):
+    total = len(dataset)
+    count = int(round(size * total)) if size < 1 else int(size)
+    if count < 1 or count >= total:
+        raise DataError(
+            f"data.{what}_size={size:g} of {total} training rows gives {count} {what} rows and leaves "
+            f"{total - count} for training; choose a size between 1 and {total - 1} rows (or a fraction)"
+        )
+    parts = dataset.train_test_split(test_size=count, seed=seed, shuffle=True)
+    return parts["train"], parts["test"]
+
+
+def _add_row_numbers(dataset):
+    """Remember each row's position in its source file, for error messages after carving."""
+    return dataset.add_column("_row", np.arange(len(dataset)))
+
+
+def load_raw_splits(recipe: Recipe) -> tuple[dict, dict]:
+    """-> ({split: Dataset}, {split: source description})."""
+    _quiet_datasets()
+    data = recipe.data
+    base = recipe_base_dir(recipe)
+    sources = {}
+    if data.dataset is not None:
+        splits = {name: _add_row_numbers(ds) for name, ds in load_hub_splits(recipe).items()}
+        for name in splits:
+            sources[name] = f"data.{name} ({data.dataset}:{getattr(data, name) or name})"
+    else:
+        splits = {}
+        for name in SPLITS:
+            value = getattr(data, name)
+            if value is None:
+                continue
+            path = resolve_path(value, base)
+            splits[name] = _add_row_numbers(load_file(path, f"data.{name}"))
+            sources[name] = f"data.{name} ({path})"
+    if len(splits.get("train", [])) == 0:
+        raise DataError(f"{sources.get('train', 'data.train')}: the training split is empty (0 rows)")
+    if "test" not in splits and data.test_size > 0:
+        splits["train"], splits["test"] = _carve(splits["train"], data.test_size, data.split_seed, "test")
+        sources["test"] = f"test split carved from {sources['train']}"
+    if "validation" not in splits and data.validation_size > 0:
+        splits["train"], splits["validation"] = _carve(
+            splits["train"], data.validation_size, data.split_seed, "validation"
+        )
+        sources["validation"] = f"validation split carved from {sources['train']}"
+    return splits, sources
+
+
+def check_columns(task, splits: dict, sources: dict) -> None:
+    import difflib
+
+    for name, dataset in splits.items():
+        for key, column in task.required_columns(name).items():
+            if column not in dataset.column_names:
+                present = [c for c in dataset.column_names if c != "_row"]
+                close = difflib.get_close_matches(column, present, n=1)
+                hint = f"; did you mean {close[0]!r}?" if close else ""
+                raise DataError(
+                    f"{sources[name]}: {key}={column!r} is not a column{hint} (columns: {', '.join(present)})"
+                )
+
+
+def _limit(dataset, limit: int | None):
+    return dataset.select(range(min(limit, len(dataset)))) if limit else dataset
+
+
+def cache_root(recipe: Recipe) -> Path:
+    if recipe.data.cache_dir:
+        return resolve_path(recipe.data.cache_dir, recipe_base_dir(recipe))
+    default = Path(os.environ.get("XDG_CACHE_HOME", Path.home() / ".cache")) / "recipe-launcher"
+    return Path(os.environ.get("LAUNCHER_CACHE", default))
+
+
+def _cache_file(root: Path, task, split: str, raw, tokenizer) -> Path:
+    key = hashlib.sha256(
+        json.dumps(
+            {"version": CACHE_VERSION, "raw": raw._fingerprint, "task": task.fingerprint(tokenizer)},
+            sort_keys=True,
+        ).encode()
+    ).hexdigest()[:24]
+    return root / "features" / f"{task.name}-{split}-{key}.arrow"
+
+
+def prepare_data(recipe: Recipe, task, tokenizer, main_process_first=None) -> PreparedData:
+    """Load, validate, tokenize (main process first; the others read its cache)."""
+    splits, sources = load_raw_splits(recipe)
+    check_columns(task, splits, sources)
+    splits["train"] = _limit(splits["train"], recipe.data.max_train_samples)
+    for name in ("validation", "test"):
+        if name in splits:
+            splits[name] = _limit(splits[name], recipe.data.max_eval_samples)
+    task.fit(splits["train"])
+    prepared = PreparedData(sources=sources)
+    for name, dataset in splits.items():
+        dataset, dropped = task.clean_split(name, dataset, sources[name])
+        if len(dataset) == 0:
+            raise DataError(f"{sources[name]}: the {name} split is empty" + (f" after dropping {dropped} rows" if dropped else ""))
+        prepared.raw[name] = dataset
+        prepared.dropped[name] = dropped
+
+    root = cache_root(recipe)
+    try:
+        (root / "features").mkdir(parents=True, exist_ok=True)
+    except OSError as exc:
+        raise DataError(f"data.cache_dir: cannot create {root} ({exc.strerror}); set data.cache_dir or $LAUNCHER_CACHE") from None
+    encode = task.encoder(tokenizer)
+    with main_process_first() if main_process_first else nullcontext():
+        for name, dataset in prepared.raw.items():
+            cache_file = _cache_file(root, task, name, dataset, tokenizer)
+            prepared.cached[name] = cache_file.exists()
+            prepared.features[name] = dataset.map(
+                encode,
+                batched=True,
+                with_indices=True,
+                remove_columns=dataset.column_names,
+                cache_file_name=str(cache_file),
+                load_from_cache_file=True,
+                new_fingerprint=cache_file.stem.rsplit("-", 1)[-1],
+                desc=f"tokenizing {name}",
+            )
+    return prepared

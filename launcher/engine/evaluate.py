@@ -1,0 +1,45 @@
+"""Evaluation across ranks: every example predicted once, gathered, de-duplicated, scored once.
+
+Each rank runs the same number of batches (see sampling.eval_shard): under ZeRO-3 a forward pass is
+a collective, so a rank that stopped early would leave the others waiting forever.
+"""
+
+from __future__ import annotations
+
+import torch
+
+from ..sampling import eval_shard
+
+
+def batches(indices: list[int], batch_size: int):
+    for start in range(0, len(indices), batch_size):
+        yield indices[start:start + batch_size]
+
+
+def to_device(batch: dict, device) -> dict:
+    return {k: v.to(device, non_blocking=True) if torch.is_tensor(v) else v for k, v in batch.items()}
+
+
+@torch.no_grad()
+def predict(model, features, task, tokenizer, accelerator, batch_size: int) -> list[dict] | None:
+    """Per-example records for the whole split, on the main process (None elsewhere)."""
+    from accelerate.utils import gather_object
+
+    was_training = model.training
+    model.eval()
+    local: list[dict] = []
+    for chunk in batches(eval_shard(len(features), accelerator.num_processes, accelerator.process_index), batch_size):
+        batch = to_device(task.collate(features[chunk], tokenizer), accelerator.device)
+        outputs = model(**task.model_inputs(batch))
+        local.extend(task.records(outputs, batch))
+    if was_training:
+        model.train()
+    gathered = gather_object(local) if accelerator.num_processes > 1 else local
+    if not accelerator.is_main_process:
+        return None
+    unique: dict[int, dict] = {}
+    for record in gathered:
+        unique.setdefault(record["id"], record)  # padding duplicates carry identical predictions
+    if len(unique) != len(features):
+        raise RuntimeError(f"evaluation gathered {len(unique)} distinct examples, expected {len(features)}")
+    return [unique[i] for i in sorted(unique)]

@@ -1,0 +1,126 @@
+"""Distributed setup: one Accelerator per rank, built from the recipe, checked against torch.distributed."""
+
+from __future__ import annotations
+
+import os
+import warnings
+from dataclasses import dataclass
+from datetime import timedelta
+
+import torch
+
+from ..errors import TopologyError
+from ..plan import (
+    BatchPlan,
+    check_accelerate_accumulation,
+    check_accelerate_precision,
+    deepspeed_config,
+    is_deepspeed,
+    resolve_batch,
+    resolve_strategy,
+)
+from ..recipe import Recipe
+
+
+@dataclass
+class Topology:
+    strategy: str
+    batch: BatchPlan
+    deepspeed_config: dict | None
+    backend: str
+
+
+def launched_world_size(env=None) -> int:
+    env = os.environ if env is None else env
+    return int(env.get("WORLD_SIZE", "1"))
+
+
+def plan_topology(recipe: Recipe, env=None) -> Topology:
+    env = os.environ if env is None else env
+    strategy = resolve_strategy(recipe.distributed.strategy, env)
+    batch = resolve_batch(recipe.training, launched_world_size(env))
+    check_accelerate_accumulation(env, batch)
+    check_accelerate_precision(env, recipe.training.precision)
+    if recipe.training.precision == "fp16" and not torch.cuda.is_available():
+        raise TopologyError("training.precision=fp16 needs a GPU; on CPU use fp32 (or bf16, which is slow on most CPUs)")
+    ds_config = deepspeed_config(strategy, batch, recipe.training) if is_deepspeed(strategy) else None
+    # Gloo on CPU. Naming the backend explicitly matters: under `accelerate launch --use_deepspeed`
+    # on a CPU-only host Accelerate otherwise reports num_processes=1 / process_index=0 on every rank.
+    backend = "nccl" if torch.cuda.is_available() else "gloo"
+    return Topology(strategy, batch, ds_config, backend)
+
+
+def build_accelerator(recipe: Recipe, topology: Topology):
+    if not torch.cuda.is_available():
+        # Say it up front instead of DeepSpeed warning on every rank that it "fell back" to CPU.
+        os.environ.setdefault("DS_ACCELERATOR", "cpu")
+    warnings.filterwarnings("ignore", message=r".*is deprecated\. Please use `torch\.distributed", category=FutureWarning)
+    from accelerate import Accelerator, DeepSpeedPlugin
+    from accelerate.utils import InitProcessGroupKwargs
+
+    if topology.deepspeed_config is not None:
+        try:
+            import deepspeed  # noqa: F401
+        except ImportError as exc:
+            raise TopologyError(
+                f"distributed.strategy={topology.strategy} needs DeepSpeed, which cannot be imported ({exc}); "
+                f"pip install deepspeed, or use strategy ddp"
+            ) from None
+    plugin = DeepSpeedPlugin(hf_ds_config=topology.deepspeed_config) if topology.deepspeed_config else None
+    precision = {"fp32": "no", "bf16": "bf16", "fp16": "fp16"}[recipe.training.precision]
+    distributed = "LOCAL_RANK" in os.environ or launched_world_size() > 1
+    if plugin is not None and not distributed:
+        # A single plain process under DeepSpeed: give it the one-rank environment a launcher would.
+        _single_rank_env()
+        distributed = True
+    handlers = []
+    if distributed:
+        handlers.append(
+            InitProcessGroupKwargs(
+                backend=topology.backend, timeout=timedelta(minutes=recipe.distributed.timeout_minutes)
+            )
+        )
+    accelerator = Accelerator(
+        mixed_precision=precision,
+        deepspeed_plugin=plugin,
+        # Accelerate's cpu=True path (MULTI_CPU) skips DeepSpeed's own process-group setup, so it is
+        # only used for DDP; DeepSpeed on a CPU host runs with cpu=False and an explicit gloo backend.
+        cpu=not torch.cuda.is_available() and plugin is None,
+        kwargs_handlers=handlers,
+    )
+    check_topology(accelerator)
+    return accelerator
+
+
+def _single_rank_env() -> None:
+    import socket
+
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        port = sock.getsockname()[1]
+    for key, value in {"RANK": "0", "LOCAL_RANK": "0", "WORLD_SIZE": "1", "LOCAL_WORLD_SIZE": "1",
+                       "MASTER_ADDR": "127.0.0.1", "MASTER_PORT": str(port)}.items():
+        os.environ.setdefault(key, value)
+
+
+def check_topology(accelerator) -> None:
+    """Accelerate's view of the world must equal torch.distributed's (and the launcher's env)."""
+    import torch.distributed as dist
+
+    env_world = int(os.environ.get("WORLD_SIZE", "1"))
+    env_rank = int(os.environ.get("RANK", "0"))
+    if dist.is_available() and dist.is_initialized():
+        dist_world, dist_rank = dist.get_world_size(), dist.get_rank()
+    else:
+        dist_world, dist_rank = 1, 0
+    views = {
+        "accelerate": (accelerator.num_processes, accelerator.process_index),
+        "torch.distributed": (dist_world, dist_rank),
+        "launcher environment (WORLD_SIZE/RANK)": (env_world, env_rank),
+    }
+    if len(set(views.values())) != 1:
+        described = "; ".join(f"{name}: world {w}, rank {r}" for name, (w, r) in views.items())
+        raise TopologyError(
+            f"process layout disagrees ({described}); every rank would see the wrong data shard. "
+            f"Launch with `accelerate launch`, `torchrun`, or `launcher run`, and do not mix launcher configs"
+        )

@@ -1,0 +1,152 @@
+"""Pure arithmetic and config generation: recipe + topology -> batch plan, strategy, DeepSpeed JSON.
+
+Nothing here touches torch.distributed; everything is unit-testable and printable. This module
+is the single place where micro-batch, accumulation, world size and global batch are related.
+"""
+
+from __future__ import annotations
+
+import os
+from dataclasses import asdict, dataclass
+from typing import Mapping
+
+from .errors import TopologyError
+from .recipe import TrainingSection
+
+DEEPSPEED_STAGES = {"zero0": 0, "zero1": 1, "zero2": 2, "zero3": 3, "zero3_offload": 3}
+
+
+@dataclass(frozen=True)
+class BatchPlan:
+    micro_batch_size: int
+    grad_accum_steps: int
+    world_size: int
+    global_batch_size: int
+
+    def describe(self) -> str:
+        return (
+            f"micro_batch_size {self.micro_batch_size} x grad_accum_steps {self.grad_accum_steps} "
+            f"x world_size {self.world_size} = global_batch_size {self.global_batch_size}"
+        )
+
+    def as_dict(self) -> dict:
+        return asdict(self)
+
+
+def resolve_batch(training: TrainingSection, world_size: int) -> BatchPlan:
+    """Derive the missing one of (grad_accum_steps, global_batch_size); reject impossible splits."""
+    if world_size < 1:
+        raise TopologyError(f"world size must be >= 1, got {world_size}")
+    micro = training.micro_batch_size
+    per_accum_step = micro * world_size
+    if training.global_batch_size is not None:
+        global_batch = training.global_batch_size
+        if global_batch % per_accum_step:
+            raise TopologyError(
+                f"training.global_batch_size={global_batch} cannot be split over world size {world_size}: "
+                f"it must be a multiple of micro_batch_size {micro} x world_size {world_size} = {per_accum_step} "
+                f"({global_batch} / {per_accum_step} = {global_batch / per_accum_step:g}); change "
+                f"global_batch_size (e.g. {max(per_accum_step, global_batch // per_accum_step * per_accum_step)}), "
+                f"micro_batch_size, or the number of processes"
+            )
+        accum = global_batch // per_accum_step
+        if training.grad_accum_steps is not None and training.grad_accum_steps != accum:
+            raise TopologyError(
+                f"training.grad_accum_steps={training.grad_accum_steps} contradicts global_batch_size={global_batch}: "
+                f"{global_batch} / (micro_batch_size {micro} x world_size {world_size}) = {accum}; "
+                f"set only one of grad_accum_steps and global_batch_size"
+            )
+    else:
+        accum = training.grad_accum_steps or 1
+        global_batch = per_accum_step * accum
+    return BatchPlan(micro, accum, world_size, global_batch)
+
+
+def strategy_from_accelerate_env(env: Mapping[str, str]) -> str | None:
+    """The strategy an `accelerate launch` config asked for (None if it asked for none)."""
+    if env.get("ACCELERATE_USE_DEEPSPEED", "false").lower() != "true":
+        return None
+    stage = int(env.get("ACCELERATE_DEEPSPEED_ZERO_STAGE", "2") or 2)
+    if stage == 3 and env.get("ACCELERATE_DEEPSPEED_OFFLOAD_PARAM_DEVICE", "none") not in ("none", ""):
+        return "zero3_offload"
+    return f"zero{stage}"
+
+
+def resolve_strategy(recipe_strategy: str, env: Mapping[str, str] | None = None) -> str:
+    """Combine the recipe's distributed.strategy with what `accelerate launch` was told.
+
+    The two must agree; `auto` follows the launcher, and defaults to DDP (which is also what a single
+    process runs: DDP over one rank is the plain model).
+    """
+    env = os.environ if env is None else env
+    if env.get("ACCELERATE_DEEPSPEED_CONFIG_FILE"):
+        raise TopologyError(
+            f"the accelerate config names a DeepSpeed config file ({env['ACCELERATE_DEEPSPEED_CONFIG_FILE']}); "
+            "the launcher generates the DeepSpeed config from the recipe: remove deepspeed_config_file from the "
+            "accelerate config and set zero_stage there (or distributed.strategy in the recipe)"
+        )
+    launched_with = strategy_from_accelerate_env(env)
+    if recipe_strategy == "auto":
+        return launched_with or "ddp"
+    if launched_with is not None and launched_with != recipe_strategy:
+        raise TopologyError(
+            f"distributed.strategy={recipe_strategy} but accelerate was launched with DeepSpeed {launched_with}; "
+            f"make them agree (or set distributed.strategy=auto to follow the accelerate config)"
+        )
+    return recipe_strategy
+
+
+def check_accelerate_accumulation(env: Mapping[str, str], batch: BatchPlan) -> None:
+    """The recipe is the one source of truth for accumulation: reject a conflicting accelerate config."""
+    value = env.get("ACCELERATE_GRADIENT_ACCUMULATION_STEPS")
+    if value not in (None, "", "1") and int(value) != batch.grad_accum_steps:
+        raise TopologyError(
+            f"the accelerate config sets gradient_accumulation_steps={value} but the recipe resolves to "
+            f"{batch.grad_accum_steps} ({batch.describe()}); remove gradient_accumulation_steps from the "
+            f"accelerate config: the recipe's training section is the one place batch sizes are set"
+        )
+
+
+def check_accelerate_precision(env: Mapping[str, str], precision: str) -> None:
+    """An accelerate config that asks for mixed precision must agree with training.precision."""
+    launched = env.get("ACCELERATE_MIXED_PRECISION", "no")
+    wanted = {"fp32": "no", "bf16": "bf16", "fp16": "fp16"}[precision]
+    if launched not in ("", "no") and launched != wanted:
+        raise TopologyError(
+            f"the accelerate config sets mixed_precision={launched} but the recipe says training.precision={precision}; "
+            f"set mixed_precision: 'no' in the accelerate config (the recipe decides) or change training.precision"
+        )
+
+
+def is_deepspeed(strategy: str) -> bool:
+    return strategy in DEEPSPEED_STAGES
+
+
+def deepspeed_config(strategy: str, batch: BatchPlan, training: TrainingSection) -> dict:
+    """The complete DeepSpeed JSON for a strategy: every value explicit, no "auto" left.
+
+    Clipping is written out even when disabled because DeepSpeed 0.19 silently clips at 1.0 when
+    `gradient_clipping` is absent.
+    """
+    stage = DEEPSPEED_STAGES[strategy]
+    zero: dict = {"stage": stage}
+    if stage == 3:
+        # Export and best-model snapshots need the full weights on rank 0; gathering them is what this
+        # (oddly named) flag does, for any precision, fp32 included.
+        zero["stage3_gather_16bit_weights_on_model_save"] = True
+    if strategy == "zero3_offload":
+        zero["offload_optimizer"] = {"device": "cpu", "pin_memory": True}
+        zero["offload_param"] = {"device": "cpu", "pin_memory": True}
+    return {
+        "train_batch_size": batch.global_batch_size,
+        "train_micro_batch_size_per_gpu": batch.micro_batch_size,
+        "gradient_accumulation_steps": batch.grad_accum_steps,
+        "gradient_clipping": float(training.max_grad_norm),
+        "zero_optimization": zero,
+        "bf16": {"enabled": training.precision == "bf16"},
+        "fp16": {"enabled": training.precision == "fp16", "initial_scale_power": 16},
+        # We pass torch's AdamW; DeepSpeed would refuse an optimizer it has not tested with ZeRO.
+        "zero_allow_untested_optimizer": True,
+        "steps_per_print": 2**62,
+        "wall_clock_breakdown": False,
+    }

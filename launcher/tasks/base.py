@@ -1,0 +1,125 @@
+"""The Task interface: what a task knows. It knows nothing about ranks, devices or DeepSpeed.
+
+A task turns raw rows into features, builds its model, collates a batch, computes the training
+loss as a *sum* over its supervised targets (the engine normalizes over the whole optimizer step),
+turns model outputs into per-example records, and computes metrics from all records at once.
+Adding a task = one module implementing this + a recipe + tests; the engine does not change.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+from typing import Any, ClassVar
+
+import torch
+
+from ..errors import ModelError
+from ..recipe import Recipe
+
+Batch = dict[str, Any]
+Record = dict[str, Any]  # one example's evaluation result; must hold "id" (its index in the split)
+
+
+class Task:
+    name: ClassVar[str]
+    # metric name (evaluation.metrics entry) -> the scalar keys it produces (for best_metric)
+    metric_keys: ClassVar[dict[str, list[str]]]
+    pipeline_task: ClassVar[str | None] = None
+
+    def __init__(self, recipe: Recipe):
+        self.recipe = recipe
+
+    # ---- data ---------------------------------------------------------------------------
+    def required_columns(self, split: str) -> dict[str, str]:
+        """recipe key -> column name that must exist in ``split``."""
+        raise NotImplementedError
+
+    def fit(self, train) -> None:
+        """Learn whatever the task needs from the training split (e.g. the label set)."""
+
+    def clean_split(self, split: str, dataset, source: str):
+        """Validate one split's rows (raise DataError naming the row) and return it, possibly filtered.
+        Returns (dataset, number_of_dropped_rows)."""
+        return dataset, 0
+
+    def encoder(self, tokenizer):
+        """A batched ``datasets.map`` function ``(rows, indices) -> features``. Each feature row
+        carries ``example_id``: the index of its raw row in the split."""
+        raise NotImplementedError
+
+    def fingerprint(self, tokenizer) -> str:
+        """What, besides the raw data, determines the features (for the tokenization cache)."""
+        return _hash({"task": self.name, "tokenizer": tokenizer_fingerprint(tokenizer), **self._feature_settings()})
+
+    def _feature_settings(self) -> dict:
+        return {}
+
+    # ---- model --------------------------------------------------------------------------
+    def build_model(self, tokenizer):
+        raise NotImplementedError
+
+    def model_config_kwargs(self) -> dict:
+        """Extra config attributes to set when loading (e.g. num_labels / id2label)."""
+        return {}
+
+    # ---- batches ------------------------------------------------------------------------
+    def collate(self, rows: dict[str, list], tokenizer) -> Batch:
+        raise NotImplementedError
+
+    def model_inputs(self, batch: Batch) -> dict:
+        raise NotImplementedError
+
+    def count_targets(self, batch: Batch) -> torch.Tensor:
+        """Number of supervised targets in the batch (examples, or tokens for token-level tasks)."""
+        raise NotImplementedError
+
+    def loss_sum(self, outputs, batch: Batch) -> torch.Tensor:
+        """Sum (not mean) of the loss over the batch's supervised targets."""
+        raise NotImplementedError
+
+    # ---- evaluation ---------------------------------------------------------------------
+    def records(self, outputs, batch: Batch) -> list[Record]:
+        raise NotImplementedError
+
+    def compute_metrics(self, records: list[Record]) -> dict:
+        raise NotImplementedError
+
+    def prediction_rows(self, records: list[Record], raw_split) -> list[dict]:
+        raise NotImplementedError
+
+
+def _hash(obj) -> str:
+    return hashlib.sha256(json.dumps(obj, sort_keys=True, default=str).encode()).hexdigest()[:20]
+
+
+def tokenizer_fingerprint(tokenizer) -> str:
+    backend = getattr(tokenizer, "backend_tokenizer", None)
+    if backend is not None:
+        return hashlib.sha256(backend.to_str().encode()).hexdigest()[:20]
+    return _hash({"name": tokenizer.name_or_path, "vocab": len(tokenizer)})
+
+
+def load_pretrained_config(recipe: Recipe, **task_kwargs):
+    """AutoConfig with the recipe's overrides; every override key must exist in the config."""
+    import difflib
+
+    from transformers import AutoConfig
+
+    from ..model_io import model_location
+
+    location = model_location(recipe)
+    config = AutoConfig.from_pretrained(
+        location, trust_remote_code=recipe.model.trust_remote_code, revision=recipe.model.revision
+    )
+    for key, value in recipe.model.config_overrides.items():
+        if not hasattr(config, key):
+            close = difflib.get_close_matches(key, list(config.to_dict()), n=1)
+            hint = f"; did you mean {close[0]}?" if close else ""
+            raise ModelError(
+                f"model.config_overrides.{key}: not an attribute of this {config.model_type} config{hint}"
+            )
+        setattr(config, key, value)
+    for key, value in task_kwargs.items():
+        setattr(config, key, value)
+    return location, config

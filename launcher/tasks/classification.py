@@ -1,0 +1,209 @@
+"""Sequence classification: one text (or a text pair) -> one label.
+
+Labels may be ints or strings. The label set is ``data.labels`` when given, else the sorted
+distinct labels of the training split; the mapping is stored in the model config as
+id2label/label2id, so the exported model (and a transformers pipeline) speaks label names.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+
+from ..errors import DataError
+from ..metrics import CLASSIFICATION_KEYS, compute_classification_metrics
+from ..model_io import load_model_error
+from .base import Batch, Record, Task, load_pretrained_config
+
+
+def _label_key(value) -> str:
+    # Ints and strings share one namespace: CSV readers turn "1" into 1, YAML keeps "1" a string.
+    if isinstance(value, float) and value.is_integer():
+        value = int(value)
+    return str(value)
+
+
+class SequenceClassificationTask(Task):
+    name = "sequence_classification"
+    metric_keys = CLASSIFICATION_KEYS
+    pipeline_task = "text-classification"
+
+    def __init__(self, recipe):
+        super().__init__(recipe)
+        self.label_names: list[str] = []
+        self.label_to_id: dict[str, int] = {}
+
+    # ---- data ---------------------------------------------------------------------------
+    def required_columns(self, split: str) -> dict[str, str]:
+        data = self.recipe.data
+        columns = {"data.text_column": data.text_column, "data.label_column": data.label_column}
+        if data.text_pair_column:
+            columns["data.text_pair_column"] = data.text_pair_column
+        return columns
+
+    def fit(self, train) -> None:
+        data = self.recipe.data
+        if data.labels is not None:
+            names = [_label_key(v) for v in data.labels]
+            if len(set(names)) != len(names):
+                raise DataError(f"data.labels: repeated label in {data.labels}")
+        else:
+            values = [v for v in set(train[data.label_column]) if v is not None]
+            if all(isinstance(v, (int, np.integer)) for v in values):
+                values = sorted(values)
+            else:
+                values = sorted(values, key=_label_key)
+            names = [_label_key(v) for v in values]
+        if len(names) < 2:
+            raise DataError(
+                f"data.label_column {data.label_column!r}: found {len(names)} distinct label(s) {names} in the "
+                f"training split; classification needs at least 2"
+            )
+        self.label_names = names
+        self.label_to_id = {name: i for i, name in enumerate(names)}
+
+    def clean_split(self, split: str, dataset, source: str):
+        data = self.recipe.data
+        labels = dataset[data.label_column]
+        rows = dataset["_row"] if "_row" in dataset.column_names else range(len(dataset))
+        keep, dropped = [], 0
+        for position, (value, row) in enumerate(zip(labels, rows)):
+            key = None if value is None else _label_key(value)
+            if key in self.label_to_id:
+                keep.append(position)
+            elif data.drop_other_labels:
+                dropped += 1
+            elif value is None:
+                raise DataError(f"{source} row {row + 1}: the label ({data.label_column}) is empty; fill it or drop the row")
+            else:
+                where = "in data.labels" if data.labels is not None else "among the training labels"
+                raise DataError(
+                    f"{source} row {row + 1}: label {value!r} is not {where} {self.label_names}; fix the row, "
+                    f"list it in data.labels, or set data.drop_other_labels=true"
+                )
+        for column_key in ("text_column", "text_pair_column"):
+            column = getattr(data, column_key)
+            if column is None:
+                continue
+            texts = dataset[column]
+            for position in keep:
+                if not isinstance(texts[position], str):
+                    raise DataError(
+                        f"{source} row {rows[position] + 1}: data.{column_key} {column!r} is "
+                        f"{'empty' if texts[position] is None else type(texts[position]).__name__}, expected text"
+                    )
+        if dropped:
+            dataset = dataset.select(keep)
+        return dataset, dropped
+
+    def _feature_settings(self) -> dict:
+        data = self.recipe.data
+        return {
+            "text": data.text_column,
+            "pair": data.text_pair_column,
+            "label": data.label_column,
+            "labels": self.label_names,
+            "max_length": data.max_length,
+        }
+
+    def encoder(self, tokenizer):
+        data = self.recipe.data
+        label_to_id = self.label_to_id
+
+        def encode(rows, indices):
+            pairs = rows[data.text_pair_column] if data.text_pair_column else None
+            features = tokenizer(rows[data.text_column], pairs, truncation=True, max_length=data.max_length)
+            features["labels"] = [label_to_id[_label_key(v)] for v in rows[data.label_column]]
+            features["example_id"] = list(indices)
+            return features
+
+        return encode
+
+    # ---- model --------------------------------------------------------------------------
+    def model_config_kwargs(self) -> dict:
+        return {
+            "num_labels": len(self.label_names),
+            "id2label": dict(enumerate(self.label_names)),
+            "label2id": dict(self.label_to_id),
+            "problem_type": "single_label_classification",
+        }
+
+    def build_model(self, tokenizer):
+        from transformers import AutoModelForSequenceClassification
+
+        location, config = load_pretrained_config(self.recipe, **self.model_config_kwargs())
+        if getattr(config, "pad_token_id", None) is None:
+            config.pad_token_id = tokenizer.pad_token_id  # needed to find the last token in GPT-style heads
+        try:
+            return AutoModelForSequenceClassification.from_pretrained(
+                location,
+                config=config,
+                trust_remote_code=self.recipe.model.trust_remote_code,
+                revision=self.recipe.model.revision,
+            )
+        except (OSError, ValueError) as exc:
+            raise load_model_error(exc, location) from None
+
+    # ---- batches ------------------------------------------------------------------------
+    def collate(self, rows: dict[str, list], tokenizer) -> Batch:
+        lengths = [len(ids) for ids in rows["input_ids"]]
+        width = max(lengths)
+        pad_id = tokenizer.pad_token_id
+        batch: Batch = {}
+        for key, pad_value in (("input_ids", pad_id), ("attention_mask", 0), ("token_type_ids", 0)):
+            if key not in rows:
+                continue
+            padded = [seq + [pad_value] * (width - len(seq)) for seq in rows[key]]
+            batch[key] = torch.tensor(padded, dtype=torch.long)
+        batch["labels"] = torch.tensor(rows["labels"], dtype=torch.long)
+        batch["example_id"] = torch.tensor(rows["example_id"], dtype=torch.long)
+        return batch
+
+    def model_inputs(self, batch: Batch) -> dict:
+        return {k: v for k, v in batch.items() if k in ("input_ids", "attention_mask", "token_type_ids")}
+
+    def count_targets(self, batch: Batch) -> torch.Tensor:
+        return torch.tensor(batch["labels"].numel(), dtype=torch.float64)
+
+    def loss_sum(self, outputs, batch: Batch) -> torch.Tensor:
+        return F.cross_entropy(outputs.logits.float(), batch["labels"], reduction="sum")
+
+    # ---- evaluation ---------------------------------------------------------------------
+    def records(self, outputs, batch: Batch) -> list[Record]:
+        logits = outputs.logits.float()
+        losses = F.cross_entropy(logits, batch["labels"], reduction="none")
+        probabilities = logits.softmax(-1)
+        return [
+            {"id": int(i), "label": int(y), "prediction": int(p), "loss": float(loss), "probabilities": probs}
+            for i, y, p, loss, probs in zip(
+                batch["example_id"].tolist(),
+                batch["labels"].tolist(),
+                logits.argmax(-1).tolist(),
+                losses.tolist(),
+                probabilities.tolist(),
+            )
+        ]
+
+    def compute_metrics(self, records: list[Record]) -> dict:
+        predictions = [r["prediction"] for r in records]
+        references = [r["label"] for r in records]
+        results = compute_classification_metrics(self.recipe.evaluation.metrics, predictions, references, self.label_names)
+        results["loss"] = float(np.mean([r["loss"] for r in records])) if records else float("nan")
+        results["num_examples"] = len(records)
+        return results
+
+    def prediction_rows(self, records: list[Record], raw_split) -> list[dict]:
+        data = self.recipe.data
+        texts = raw_split[data.text_column]
+        pairs = raw_split[data.text_pair_column] if data.text_pair_column else None
+        rows = []
+        for r in records:
+            row = {"id": r["id"], "text": texts[r["id"]]}
+            if pairs is not None:
+                row["text_pair"] = pairs[r["id"]]
+            row["label"] = self.label_names[r["label"]]
+            row["prediction"] = self.label_names[r["prediction"]]
+            row["probabilities"] = {name: round(p, 6) for name, p in zip(self.label_names, r["probabilities"])}
+            rows.append(row)
+        return rows

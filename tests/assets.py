@@ -1,0 +1,86 @@
+"""Tiny, offline test assets: a randomly initialised 2-layer BERT with a word-level tokenizer, and a
+learnable toy sentiment dataset. Built from configs in a second; nothing is downloaded.
+
+Also runnable: ``python tests/assets.py DIR`` writes them to DIR (used by multi-process tests and
+handy for trying recipes by hand).
+"""
+
+from __future__ import annotations
+
+import csv
+import json
+import random
+import sys
+from pathlib import Path
+
+POSITIVE = ["good", "great", "fine", "lovely", "superb", "fun", "moving", "clever", "warm", "bright"]
+NEGATIVE = ["bad", "awful", "dull", "boring", "weak", "poor", "silly", "flat", "cold", "messy"]
+NEUTRAL = ["the", "a", "film", "movie", "plot", "actor", "scene", "story", "was", "is", "and", "very",
+           "quite", "it", "this", "ending", "music", "cast", "script", "director"]
+SPECIAL = ["[PAD]", "[UNK]", "[CLS]", "[SEP]", "[MASK]"]
+
+
+def make_example(rng: random.Random) -> tuple[str, str]:
+    n_pos, n_neg = rng.randint(0, 3), rng.randint(0, 3)
+    while n_pos == n_neg:
+        n_pos, n_neg = rng.randint(0, 3), rng.randint(0, 3)
+    words = [rng.choice(POSITIVE) for _ in range(n_pos)] + [rng.choice(NEGATIVE) for _ in range(n_neg)]
+    words += [rng.choice(NEUTRAL) for _ in range(rng.randint(2, 10))]
+    rng.shuffle(words)
+    return " ".join(words), ("positive" if n_pos > n_neg else "negative")
+
+
+def write_toy_csv(path: Path, rows: int, seed: int = 0, header=("text", "label")) -> Path:
+    rng = random.Random(seed)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    with path.open("w", newline="", encoding="utf-8") as handle:
+        writer = csv.writer(handle)
+        writer.writerow(header)
+        for _ in range(rows):
+            writer.writerow(make_example(rng))
+    return path
+
+
+def write_tiny_bert(directory: Path, seed: int = 0, dropout: float = 0.1) -> Path:
+    import torch
+    from tokenizers import Tokenizer, models, pre_tokenizers, processors
+    from transformers import BertConfig, BertModel, PreTrainedTokenizerFast
+
+    directory.mkdir(parents=True, exist_ok=True)
+    vocab = {word: i for i, word in enumerate(SPECIAL + POSITIVE + NEGATIVE + NEUTRAL)}
+    backend = Tokenizer(models.WordLevel(vocab=vocab, unk_token="[UNK]"))
+    backend.pre_tokenizer = pre_tokenizers.WhitespaceSplit()
+    backend.post_processor = processors.TemplateProcessing(
+        single="[CLS] $A [SEP]",
+        pair="[CLS] $A [SEP] $B:1 [SEP]:1",
+        special_tokens=[("[CLS]", vocab["[CLS]"]), ("[SEP]", vocab["[SEP]"])],
+    )
+    tokenizer = PreTrainedTokenizerFast(
+        tokenizer_object=backend, unk_token="[UNK]", pad_token="[PAD]", cls_token="[CLS]",
+        sep_token="[SEP]", mask_token="[MASK]", model_max_length=64,
+    )
+    tokenizer.save_pretrained(directory)
+    config = BertConfig(
+        vocab_size=len(vocab), hidden_size=32, num_hidden_layers=2, num_attention_heads=2,
+        intermediate_size=64, max_position_embeddings=64, type_vocab_size=2,
+        hidden_dropout_prob=dropout, attention_probs_dropout_prob=dropout, pad_token_id=0,
+    )
+    torch.manual_seed(seed)
+    BertModel(config).save_pretrained(directory, safe_serialization=True)
+    return directory
+
+
+def write_all(root: Path) -> dict:
+    root.mkdir(parents=True, exist_ok=True)
+    paths = {
+        "model": str(write_tiny_bert(root / "tiny-bert")),
+        "train": str(write_toy_csv(root / "train.csv", 400, seed=1)),
+        "validation": str(write_toy_csv(root / "validation.csv", 37, seed=2)),
+        "test": str(write_toy_csv(root / "test.csv", 53, seed=3)),
+    }
+    (root / "assets.json").write_text(json.dumps(paths, indent=2))
+    return paths
+
+
+if __name__ == "__main__":
+    print(json.dumps(write_all(Path(sys.argv[1])), indent=2))
