@@ -13,7 +13,8 @@ from .errors import EXIT_FAILURE, EXIT_OK, LauncherError
 def _add_recipe_args(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("recipe", help="recipe YAML file")
     parser.add_argument("overrides", nargs="*", metavar="KEY=VALUE", help="override recipe fields, e.g. training.learning_rate=3e-5")
-    parser.add_argument("--verbose", "-v", action="store_true", help="show full tracebacks")
+    # SUPPRESS: a subcommand's default must not undo `launcher --verbose COMMAND`.
+    parser.add_argument("--verbose", "-v", action="store_true", default=argparse.SUPPRESS, help="show full tracebacks")
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -34,7 +35,6 @@ def build_parser() -> argparse.ArgumentParser:
     _add_recipe_args(check)
 
     schema = sub.add_parser("schema", help="print the recipe reference (every field, generated from the schema)")
-    schema.add_argument("--verbose", "-v", action="store_true", help=argparse.SUPPRESS)
     return parser
 
 

@@ -69,6 +69,38 @@ def _root_cause(exc: BaseException) -> BaseException:
     return exc
 
 
+def _open_maybe_compressed(path: Path):
+    import bz2
+    import gzip
+    import lzma
+
+    openers = {".gz": gzip.open, ".bz2": bz2.open, ".xz": lzma.open}
+    return openers.get(path.suffix.lower(), open)(path, "rb")
+
+
+def check_utf8(path: Path, key: str) -> None:
+    """Fail early, with a line number, on a text file that is not UTF-8 (the parsers' errors don't say where)."""
+    import codecs
+
+    if path.suffix.lower() in (".zst", ".lz4"):
+        return  # needs optional libraries to peek into; the parser will still complain
+    decoder = codecs.getincrementaldecoder("utf-8")()
+    line, offset = 1, 0
+    with _open_maybe_compressed(path) as handle:
+        while chunk := handle.read(1 << 20):
+            try:
+                decoder.decode(chunk)
+            except UnicodeDecodeError as exc:
+                bad = max(exc.start - len(decoder.getstate()[0]), 0)
+                line += chunk.count(b"\n", 0, bad)
+                raise DataError(
+                    f"{key}: {path} is not UTF-8 text (byte 0x{chunk[bad]:02x} on line {line}, offset {offset + bad}); "
+                    f"convert it, e.g. iconv -f latin1 -t utf-8"
+                ) from None
+            line += chunk.count(b"\n")
+            offset += len(chunk)
+
+
 def load_file(path: Path, key: str):
     import datasets
 
@@ -79,6 +111,8 @@ def load_file(path: Path, key: str):
     if path.stat().st_size == 0:
         raise DataError(f"{key}: {path} is empty (0 bytes)")
     builder, options = file_format(path)
+    if builder != "parquet":
+        check_utf8(path, key)
     try:
         return datasets.load_dataset(builder, data_files={"data": str(path)}, split="data", **options)
     except Exception as exc:  # datasets wraps parser errors in DatasetGenerationError
@@ -89,6 +123,8 @@ def load_file(path: Path, key: str):
                 f"{cause.start}); convert it, e.g. iconv -f latin1 -t utf-8"
             ) from None
         message = str(cause).strip().splitlines()[0] if str(cause).strip() else type(cause).__name__
+        if "corresponds to no data" in message:
+            raise DataError(f"{key}: {path} has no data rows") from None
         raise DataError(f"{key}: {path} could not be read as {builder}: {message}") from None
 
 

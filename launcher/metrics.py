@@ -123,7 +123,8 @@ def check_metric_names(names: list[str], best_metric: str | None, available: dic
     keys = ["loss"] + [key for name in names for key in available.get(name, [])]
     keys += [name.split(":", 1)[1] for name in names if name.startswith("evaluate:")]
     if best_metric not in keys:
-        close = difflib.get_close_matches(best_metric, keys, n=1)
+        # "f1" means one of its averages; otherwise fall back to spelling similarity.
+        close = [k for k in keys if k.startswith(best_metric + "_")] or difflib.get_close_matches(best_metric, keys, n=1)
         hint = f"; did you mean {close[0]}?" if close else ""
         raise ValueError(
             f"evaluation.best_metric: {best_metric!r} is not produced by evaluation.metrics{hint} "

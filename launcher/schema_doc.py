@@ -42,7 +42,10 @@ def _rows(model: type[BaseModel], prefix: str = "") -> list[str]:
             rows.extend(_rows(sub, dotted + "."))
             continue
         description = (field.description or "").replace("|", "\\|")
-        constraints = [f"{type(m).__name__.lower()} {list(vars(m).values())[0]}" for m in field.metadata if vars(m)]
+        symbols = {"gt": ">", "ge": ">=", "lt": "<", "le": "<="}
+        constraints = [
+            f"{symbol} {getattr(m, attr)}" for m in field.metadata for attr, symbol in symbols.items() if hasattr(m, attr)
+        ]
         if constraints:
             description += f" ({', '.join(constraints)})"
         rows.append(f"| `{dotted}` | {_type_name(field.annotation).replace('|', chr(92) + '|')} | {_default(field)} | {description} |")

@@ -21,13 +21,13 @@ SPECIAL = ["[PAD]", "[UNK]", "[CLS]", "[SEP]", "[MASK]"]
 
 
 def make_example(rng: random.Random) -> tuple[str, str]:
-    n_pos, n_neg = rng.randint(0, 3), rng.randint(0, 3)
-    while n_pos == n_neg:
-        n_pos, n_neg = rng.randint(0, 3), rng.randint(0, 3)
-    words = [rng.choice(POSITIVE) for _ in range(n_pos)] + [rng.choice(NEGATIVE) for _ in range(n_neg)]
+    """1-3 sentiment words of one polarity among 2-10 neutral words: learnable in a few hundred steps."""
+    label = rng.choice(["positive", "negative"])
+    pool = POSITIVE if label == "positive" else NEGATIVE
+    words = [rng.choice(pool) for _ in range(rng.randint(1, 3))]
     words += [rng.choice(NEUTRAL) for _ in range(rng.randint(2, 10))]
     rng.shuffle(words)
-    return " ".join(words), ("positive" if n_pos > n_neg else "negative")
+    return " ".join(words), label
 
 
 def write_toy_csv(path: Path, rows: int, seed: int = 0, header=("text", "label")) -> Path:
@@ -58,6 +58,7 @@ def write_tiny_bert(directory: Path, seed: int = 0, dropout: float = 0.1) -> Pat
     tokenizer = PreTrainedTokenizerFast(
         tokenizer_object=backend, unk_token="[UNK]", pad_token="[PAD]", cls_token="[CLS]",
         sep_token="[SEP]", mask_token="[MASK]", model_max_length=64,
+        model_input_names=["input_ids", "token_type_ids", "attention_mask"],
     )
     tokenizer.save_pretrained(directory)
     config = BertConfig(

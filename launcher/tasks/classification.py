@@ -55,6 +55,8 @@ class SequenceClassificationTask(Task):
             else:
                 values = sorted(values, key=_label_key)
             names = [_label_key(v) for v in values]
+        if len(names) < 2 and data.labels is not None:
+            raise DataError(f"data.labels: lists {len(names)} label(s) {names}; classification needs at least 2")
         if len(names) < 2:
             raise DataError(
                 f"data.label_column {data.label_column!r}: found {len(names)} distinct label(s) {names} in the "

@@ -1,0 +1,112 @@
+"""Batch arithmetic, strategy resolution and the generated DeepSpeed config."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+
+from launcher.errors import TopologyError
+from launcher.plan import (
+    BatchPlan,
+    check_accelerate_accumulation,
+    check_accelerate_precision,
+    deepspeed_config,
+    resolve_batch,
+    resolve_strategy,
+)
+from launcher.recipe import TrainingSection
+
+
+def training(**values) -> TrainingSection:
+    return TrainingSection(**values)
+
+
+@pytest.mark.parametrize(
+    "values, world, expected",
+    [
+        ({"micro_batch_size": 8}, 1, (8, 1, 1, 8)),
+        ({"micro_batch_size": 4, "grad_accum_steps": 2}, 2, (4, 2, 2, 16)),
+        ({"micro_batch_size": 4, "global_batch_size": 32}, 2, (4, 4, 2, 32)),
+        ({"micro_batch_size": 2, "global_batch_size": 8, "grad_accum_steps": 2}, 2, (2, 2, 2, 8)),
+    ],
+)
+def test_batch_arithmetic(values, world, expected):
+    plan = resolve_batch(training(**values), world)
+    assert (plan.micro_batch_size, plan.grad_accum_steps, plan.world_size, plan.global_batch_size) == expected
+    assert plan.micro_batch_size * plan.grad_accum_steps * plan.world_size == plan.global_batch_size
+
+
+def test_indivisible_global_batch_spells_out_the_arithmetic():
+    with pytest.raises(TopologyError) as info:
+        resolve_batch(training(micro_batch_size=4, global_batch_size=30), 4)
+    message = str(info.value)
+    assert "global_batch_size=30" in message
+    assert "micro_batch_size 4 x world_size 4 = 16" in message
+    assert "30 / 16 = 1.875" in message
+
+
+def test_contradicting_accumulation_is_rejected():
+    with pytest.raises(TopologyError, match="grad_accum_steps=3 contradicts global_batch_size=16"):
+        resolve_batch(training(micro_batch_size=4, grad_accum_steps=3, global_batch_size=16), 2)
+
+
+@pytest.mark.parametrize(
+    "recipe_strategy, env, expected",
+    [
+        ("auto", {}, "ddp"),
+        ("auto", {"ACCELERATE_USE_DEEPSPEED": "true", "ACCELERATE_DEEPSPEED_ZERO_STAGE": "3"}, "zero3"),
+        ("zero2", {}, "zero2"),
+        ("zero2", {"ACCELERATE_USE_DEEPSPEED": "true", "ACCELERATE_DEEPSPEED_ZERO_STAGE": "2"}, "zero2"),
+        ("auto", {"ACCELERATE_USE_DEEPSPEED": "true", "ACCELERATE_DEEPSPEED_ZERO_STAGE": "3",
+                  "ACCELERATE_DEEPSPEED_OFFLOAD_PARAM_DEVICE": "cpu"}, "zero3_offload"),
+    ],
+)
+def test_strategy_resolution(recipe_strategy, env, expected):
+    assert resolve_strategy(recipe_strategy, env) == expected
+
+
+def test_strategy_conflict_with_accelerate_config():
+    env = {"ACCELERATE_USE_DEEPSPEED": "true", "ACCELERATE_DEEPSPEED_ZERO_STAGE": "3"}
+    with pytest.raises(TopologyError, match="distributed.strategy=zero2 but accelerate was launched with DeepSpeed zero3"):
+        resolve_strategy("zero2", env)
+
+
+def test_external_deepspeed_json_is_refused():
+    with pytest.raises(TopologyError, match="remove deepspeed_config_file"):
+        resolve_strategy("auto", {"ACCELERATE_DEEPSPEED_CONFIG_FILE": "ds.json"})
+
+
+def test_accelerate_accumulation_must_not_contradict_recipe():
+    plan = BatchPlan(4, 2, 2, 16)
+    check_accelerate_accumulation({"ACCELERATE_GRADIENT_ACCUMULATION_STEPS": "1"}, plan)  # accelerate's default
+    check_accelerate_accumulation({"ACCELERATE_GRADIENT_ACCUMULATION_STEPS": "2"}, plan)
+    with pytest.raises(TopologyError, match="gradient_accumulation_steps=4 but the recipe resolves to 2"):
+        check_accelerate_accumulation({"ACCELERATE_GRADIENT_ACCUMULATION_STEPS": "4"}, plan)
+
+
+def test_accelerate_precision_must_not_contradict_recipe():
+    check_accelerate_precision({"ACCELERATE_MIXED_PRECISION": "no"}, "bf16")
+    check_accelerate_precision({"ACCELERATE_MIXED_PRECISION": "bf16"}, "bf16")
+    with pytest.raises(TopologyError, match="mixed_precision=bf16 but the recipe says training.precision=fp32"):
+        check_accelerate_precision({"ACCELERATE_MIXED_PRECISION": "bf16"}, "fp32")
+
+
+@pytest.mark.parametrize("strategy, stage", [("zero0", 0), ("zero1", 1), ("zero2", 2), ("zero3", 3), ("zero3_offload", 3)])
+def test_deepspeed_config_is_explicit(strategy, stage):
+    plan = resolve_batch(training(micro_batch_size=4, global_batch_size=32), 2)
+    config = deepspeed_config(strategy, plan, training(micro_batch_size=4, global_batch_size=32, max_grad_norm=0.5))
+    assert "auto" not in json.dumps(config)
+    assert config["train_batch_size"] == 32 == config["train_micro_batch_size_per_gpu"] * config["gradient_accumulation_steps"] * 2
+    assert config["gradient_clipping"] == 0.5
+    assert config["zero_optimization"]["stage"] == stage
+    assert config["bf16"]["enabled"] is False and config["fp16"]["enabled"] is False
+    if stage == 3:
+        assert config["zero_optimization"]["stage3_gather_16bit_weights_on_model_save"] is True
+    assert ("offload_optimizer" in config["zero_optimization"]) == (strategy == "zero3_offload")
+
+
+def test_disabled_clipping_is_written_as_zero():
+    # DeepSpeed 0.19 clips at 1.0 when the key is absent; "no clipping" must be said explicitly.
+    plan = resolve_batch(training(), 1)
+    assert deepspeed_config("zero2", plan, training(max_grad_norm=0))["gradient_clipping"] == 0.0
