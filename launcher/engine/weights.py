@@ -48,7 +48,10 @@ def export_pretrained(accelerator, model, tokenizer, target: Path, state: dict |
     if accelerator.is_main_process:
         staging = target.with_name(f".{target.name}.partial-{os.getpid()}")
         module = accelerator.unwrap_model(model)
-        module.save_pretrained(staging, state_dict=state, safe_serialization=True)
+        # save_original_format=False: write the names the model has in memory. transformers 5 would
+        # otherwise "revert" load-time renamings, and under ZeRO-3 it records the legacy
+        # LayerNorm.weight -> gamma renaming, exporting keys no plain BERT has.
+        module.save_pretrained(staging, state_dict=state, safe_serialization=True, save_original_format=False)
         tokenizer.save_pretrained(staging)
         replace_dir_atomic(staging, target)
     accelerator.wait_for_everyone()

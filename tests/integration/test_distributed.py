@@ -1,0 +1,169 @@
+"""Multi-process (CPU gloo) runs through `accelerate launch`: the distributed promises, checked.
+
+- DDP and DeepSpeed ZeRO-0/1/2/3 on 2 ranks train, export, and give the same per-step losses.
+- The same global batch gives the same training whatever the split (micro x accumulation x ranks).
+- Evaluation on 2 ranks counts every example exactly once and equals the 1-process metrics.
+- The ZeRO-3 export holds the full consolidated weights.
+"""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+import torch
+from conftest import check_ok, read_events, run_launcher, toy_recipe_dict, write_recipe
+from safetensors.torch import load_file
+
+pytestmark = pytest.mark.slow
+
+NO_DROPOUT = {"hidden_dropout_prob": 0.0, "attention_probs_dropout_prob": 0.0}
+STEPS = 6
+
+
+def invariance_recipe(assets, out_dir, **training):
+    return toy_recipe_dict(
+        assets, out_dir,
+        model={"config_overrides": NO_DROPOUT},
+        training={"max_steps": STEPS, "learning_rate": 3e-3, "log_every": 1, "global_batch_size": 8,
+                  "warmup_steps": 2, "weight_decay": 0.01, "max_grad_norm": 0.5, **training},
+        evaluation={"every_epoch": False, "micro_batch_size": 4},
+    )
+
+
+def train_run(tmp_path_factory, assets, env, name, nproc, accelerate_args=(), **training):
+    root = tmp_path_factory.mktemp(name)
+    path = write_recipe(root / "recipe.yaml", invariance_recipe(assets, root / "run", **training))
+    result = run_launcher(["train", str(path)], env, nproc=nproc, accelerate_args=accelerate_args)
+    check_ok(result)
+    return root / "run"
+
+
+def losses(run_dir) -> list[float]:
+    return [e["loss"] for e in read_events(run_dir, "train")]
+
+
+def weights(run_dir) -> dict[str, torch.Tensor]:
+    return load_file(str(run_dir / "model" / "model.safetensors"))
+
+
+# The attention key bias adds the same q.b_k to every score in a softmax row, so its gradient is zero
+# in exact arithmetic; Adam divides the float noise left in its place by its own tiny RMS and turns
+# it into full-size random steps. Its value is noise in *any* run, so it is not compared.
+ZERO_GRADIENT = ("attention.self.key.bias",)
+
+
+def assert_same_weights(a: dict, b: dict, rel: float = 1e-5) -> None:
+    assert a.keys() == b.keys()
+    for name in a:
+        if name.endswith(ZERO_GRADIENT):
+            continue
+        diff = (a[name].double() - b[name].double()).norm() / a[name].double().norm().clamp_min(1e-12)
+        assert diff <= rel, f"{name}: relative difference {diff:.2e}"
+
+
+@pytest.fixture(scope="module")
+def split_runs(tmp_path_factory, assets, isolated_env):
+    """Global batch 8 as micro x accumulation x ranks."""
+    runs = {
+        "8x1x1": train_run(tmp_path_factory, assets, isolated_env, "s811", None, micro_batch_size=8),
+        "4x2x1": train_run(tmp_path_factory, assets, isolated_env, "s421", None, micro_batch_size=4),
+        "4x1x2": train_run(tmp_path_factory, assets, isolated_env, "s412", 2, ("--multi_gpu",), micro_batch_size=4),
+        "2x2x2": train_run(tmp_path_factory, assets, isolated_env, "s222", 2, ("--multi_gpu",), micro_batch_size=2),
+    }
+    return runs
+
+
+def test_batch_split_is_what_each_run_reports(split_runs):
+    for name, run_dir in split_runs.items():
+        micro, accum, world = (int(x) for x in name.split("x"))
+        start = read_events(run_dir, "start")[0]
+        assert (start["micro_batch_size"], start["grad_accum_steps"], start["world_size"]) == (micro, accum, world)
+        assert start["global_batch_size"] == 8
+
+
+def test_same_global_batch_same_losses_and_weights(split_runs):
+    reference = losses(split_runs["8x1x1"])
+    assert len(reference) == STEPS
+    ref_weights = weights(split_runs["8x1x1"])
+    for name, run_dir in split_runs.items():
+        assert losses(run_dir) == pytest.approx(reference, rel=1e-5), name
+        assert_same_weights(ref_weights, weights(run_dir))
+    # and training actually moved the weights (the comparison is not between untouched models)
+    assert losses(split_runs["8x1x1"])[-1] < losses(split_runs["8x1x1"])[0]
+
+
+def test_two_rank_evaluation_counts_every_example_once(split_runs):
+    single = json.loads((split_runs["8x1x1"] / "metrics.json").read_text())
+    double = json.loads((split_runs["4x1x2"] / "metrics.json").read_text())
+    for split, size in (("validation", 37), ("test", 53)):  # odd sizes: not divisible by world x batch
+        assert single[split]["num_examples"] == double[split]["num_examples"] == size
+        for key in ("accuracy", "f1_macro", "precision_macro", "recall_macro", "per_class", "confusion_matrix"):
+            assert single[split][key] == double[split][key], (split, key)
+        assert single[split]["loss"] == pytest.approx(double[split]["loss"], rel=1e-5)
+    rows = [json.loads(x) for x in (split_runs["4x1x2"] / "predictions" / "test.jsonl").read_text().splitlines()]
+    assert sorted(r["id"] for r in rows) == list(range(53))
+
+
+@pytest.fixture(scope="module")
+def strategy_runs(tmp_path_factory, assets, isolated_env, split_runs):
+    runs = {"ddp": split_runs["4x1x2"]}
+    for stage in (1, 2, 3):
+        runs[f"zero{stage}"] = train_run(
+            tmp_path_factory, assets, isolated_env, f"zero{stage}", 2,
+            ("--use_deepspeed", "--zero_stage", str(stage)), micro_batch_size=4,
+        )
+    return runs
+
+
+@pytest.mark.parametrize("stage", [1, 2, 3])
+def test_zero_stage_trains_exports_and_matches_ddp(strategy_runs, stage):
+    run_dir = strategy_runs[f"zero{stage}"]
+    start = read_events(run_dir, "start")[0]
+    assert start["strategy"] == f"zero{stage}" and start["world_size"] == 2
+    config = json.loads((run_dir / "deepspeed_config.json").read_text())
+    assert config["zero_optimization"]["stage"] == stage and config["train_batch_size"] == 8
+    assert config["gradient_clipping"] == 0.5
+    assert losses(run_dir) == pytest.approx(losses(strategy_runs["ddp"]), rel=1e-5)
+    lrs = [e["lr"] for e in read_events(run_dir, "train")]
+    assert lrs == pytest.approx([e["lr"] for e in read_events(strategy_runs["ddp"], "train")])
+    assert_same_weights(weights(strategy_runs["ddp"]), weights(run_dir))
+
+
+def test_zero3_export_is_the_full_model_the_ranks_evaluated(strategy_runs):
+    """Reload the ZeRO-3 export in a plain process: full-size tensors, and the same test predictions
+    the sharded model produced during the run."""
+    from transformers import AutoModelForSequenceClassification, AutoTokenizer
+
+    run_dir = strategy_runs["zero3"]
+    model = AutoModelForSequenceClassification.from_pretrained(run_dir / "model").eval()
+    tokenizer = AutoTokenizer.from_pretrained(run_dir / "model")
+    exported = weights(run_dir)
+    for name, param in model.named_parameters():
+        assert exported[name].shape == param.shape and param.numel() > 0, name
+    rows = [json.loads(x) for x in (run_dir / "predictions" / "test.jsonl").read_text().splitlines()]
+    with torch.no_grad():
+        encoded = tokenizer([r["text"] for r in rows], padding=True, return_tensors="pt")
+        probabilities = model(**encoded).logits.softmax(-1)
+    labels = [model.config.id2label[i] for i in range(model.config.num_labels)]
+    for row, probs in zip(rows, probabilities.tolist()):
+        assert [row["probabilities"][name] for name in labels] == pytest.approx(probs, abs=1e-5)
+
+
+def test_torchrun_runs_the_same_entry_point(tmp_path, assets, isolated_env, split_runs):
+    """`torchrun -m launcher train` (no accelerate launch) is a first-class way to start ranks."""
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    from conftest import REPO, free_port
+
+    path = write_recipe(tmp_path / "recipe.yaml", invariance_recipe(assets, tmp_path / "run", micro_batch_size=4))
+    torchrun = Path(sys.executable).parent / "torchrun"
+    result = subprocess.run(
+        [str(torchrun), "--nproc_per_node", "2", "--master_port", str(free_port()), "-m", "launcher", "train", str(path)],
+        env=isolated_env, cwd=REPO, capture_output=True, text=True, timeout=600,
+    )
+    check_ok(result)
+    assert read_events(tmp_path / "run", "start")[0]["world_size"] == 2
+    assert losses(tmp_path / "run") == pytest.approx(losses(split_runs["4x1x2"]), rel=1e-6)
