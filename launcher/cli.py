@@ -6,8 +6,10 @@ import argparse
 import os
 import sys
 import traceback
+from pathlib import Path
 
-from .errors import EXIT_FAILURE, EXIT_OK, LauncherError
+from .errors import EXIT_FAILURE, EXIT_OK, LauncherError, StopRequested, TrainingError
+from .recipe import STRATEGIES
 
 
 def _add_recipe_args(parser: argparse.ArgumentParser) -> None:
@@ -31,6 +33,38 @@ def build_parser() -> argparse.ArgumentParser:
     )
     _add_recipe_args(train)
 
+    run = sub.add_parser(
+        "run",
+        help="plan, print and start the recipe under accelerate launch (topology detected or given)",
+        description="Detect (or take) the topology, write the accelerate and DeepSpeed configs into the run "
+        "directory, print the plan, then run `accelerate launch ... -m launcher train RECIPE`.",
+    )
+    _add_recipe_args(run)
+    run.add_argument("--nproc", type=int, help="processes per node (default: GPUs visible, else 1)")
+    run.add_argument("--nodes", type=int, default=1, help="number of machines (default 1)")
+    run.add_argument("--node-rank", type=int, default=0, help="this machine's rank, 0..nodes-1")
+    run.add_argument("--main-address", help="address of node 0 (multi-node)")
+    run.add_argument("--main-port", type=int, help="port on node 0 (multi-node; default: a free port)")
+    run.add_argument("--strategy", choices=[s for s in STRATEGIES if s != "auto"], help="override distributed.strategy")
+    run.add_argument("--config-file", type=Path, help="use this accelerate config instead of generating one")
+    run.add_argument("--dry-run", action="store_true", help="print the plan and the command, start nothing")
+
+    debug = sub.add_parser("debug", help="one process, a few batches, anomaly detection, full tracebacks")
+    _add_recipe_args(debug)
+
+    slurm = sub.add_parser("slurm", help="render an sbatch script for the recipe (and submit it with --submit)")
+    _add_recipe_args(slurm)
+    slurm.add_argument("--nodes", type=int, required=True, help="number of nodes")
+    slurm.add_argument("--gpus-per-node", type=int, required=True, help="GPUs per node (0 for a CPU job)")
+    slurm.add_argument("--nproc-per-node", type=int, default=1, help="CPU processes per node when --gpus-per-node 0")
+    slurm.add_argument("--partition", help="Slurm partition")
+    slurm.add_argument("--time", default="01:00:00", help="time limit (default 01:00:00)")
+    slurm.add_argument("--account", help="Slurm account")
+    slurm.add_argument("--cpus-per-task", type=int, help="CPUs per node task (default: processes per node)")
+    slurm.add_argument("--signal-seconds", type=int, default=120, help="preemption warning before the time limit (default 120)")
+    slurm.add_argument("--strategy", choices=[s for s in STRATEGIES if s != "auto"], help="override distributed.strategy")
+    slurm.add_argument("--submit", action="store_true", help="submit with sbatch after rendering")
+
     check = sub.add_parser("check", help="validate a recipe and print it fully resolved")
     _add_recipe_args(check)
 
@@ -44,6 +78,51 @@ def cmd_train(args) -> int:
 
     recipe = load_recipe(args.recipe, args.overrides)
     run_training(recipe)
+    return EXIT_OK
+
+
+def cmd_run(args) -> int:
+    from .launch.local import execute
+    from .launch.plan import LaunchRequest, build_plan
+
+    request = LaunchRequest(nproc=args.nproc, nodes=args.nodes, node_rank=args.node_rank,
+                            main_address=args.main_address, main_port=args.main_port,
+                            strategy=args.strategy, config_file=args.config_file)
+    plan = build_plan(args.recipe, args.overrides, request)
+    return execute(plan, dry_run=args.dry_run)
+
+
+def cmd_debug(args) -> int:
+    from .launch.debug import run_debug
+
+    args.verbose = True  # debug mode always shows the full traceback
+    run_debug(args.recipe, args.overrides)
+    return EXIT_OK
+
+
+def cmd_slurm(args) -> int:
+    from .launch.local import print_plan
+    from .launch.plan import LaunchRequest, build_plan
+    from .launch.slurm import SlurmRequest, check_request, sbatch_path, submit, write_job
+
+    slurm = SlurmRequest(nodes=args.nodes, gpus_per_node=args.gpus_per_node, cpu_procs_per_node=args.nproc_per_node,
+                         partition=args.partition, time=args.time, account=args.account,
+                         cpus_per_task=args.cpus_per_task, signal_seconds=args.signal_seconds)
+    check_request(slurm)
+    if args.submit:
+        sbatch_path()  # fail before writing anything if it cannot be submitted
+    procs = args.gpus_per_node or args.nproc_per_node
+    request = LaunchRequest(nproc=procs, nodes=args.nodes, strategy=args.strategy, rendezvous_at_runtime=True)
+    plan = build_plan(args.recipe, args.overrides, request)
+    if args.gpus_per_node:
+        plan.device = "cuda"  # the compute nodes have the GPUs, whatever this login node has
+    print_plan(plan)
+    script = write_job(plan, slurm)
+    print(f"sbatch script: {script}")
+    if args.submit:
+        print(f"submitted job {submit(script)}")
+    else:
+        print(f"submit with: sbatch {script}")
     return EXIT_OK
 
 
@@ -62,7 +141,8 @@ def cmd_schema(args) -> int:
     return EXIT_OK
 
 
-COMMANDS = {"train": cmd_train, "check": cmd_check, "schema": cmd_schema}
+COMMANDS = {"train": cmd_train, "run": cmd_run, "debug": cmd_debug, "slurm": cmd_slurm, "check": cmd_check,
+            "schema": cmd_schema}
 
 
 def _rank_prefix() -> str:
@@ -75,6 +155,15 @@ def main(argv: list[str] | None = None) -> int:
     try:
         return COMMANDS[args.command](args)
     except LauncherError as exc:
+        if args.verbose:
+            traceback.print_exc()
+        print(f"error: {_rank_prefix()}{exc}", file=sys.stderr, flush=True)
+        return exc.exit_code
+    except StopRequested as exc:
+        if os.environ.get("RANK", "0") == "0":  # every rank stops together; one of them says so
+            print(f"stopped: {exc}", file=sys.stderr, flush=True)
+        return exc.exit_code
+    except TrainingError as exc:
         if args.verbose:
             traceback.print_exc()
         print(f"error: {_rank_prefix()}{exc}", file=sys.stderr, flush=True)

@@ -236,8 +236,8 @@ def _cache_file(root: Path, task, split: str, raw, tokenizer) -> Path:
     return root / "features" / f"{task.name}-{split}-{key}.arrow"
 
 
-def prepare_data(recipe: Recipe, task, tokenizer, main_process_first=None) -> PreparedData:
-    """Load, validate, tokenize (main process first; the others read its cache)."""
+def load_validated_splits(recipe: Recipe, task) -> PreparedData:
+    """Load and validate every split (no tokenization): enough to count steps for a plan."""
     splits, sources = load_raw_splits(recipe)
     check_columns(task, splits, sources)
     splits["train"] = _limit(splits["train"], recipe.data.max_train_samples)
@@ -252,7 +252,12 @@ def prepare_data(recipe: Recipe, task, tokenizer, main_process_first=None) -> Pr
             raise DataError(f"{sources[name]}: the {name} split is empty" + (f" after dropping {dropped} rows" if dropped else ""))
         prepared.raw[name] = dataset
         prepared.dropped[name] = dropped
+    return prepared
 
+
+def prepare_data(recipe: Recipe, task, tokenizer, main_process_first=None) -> PreparedData:
+    """Load, validate, tokenize (main process first; the others read its cache)."""
+    prepared = load_validated_splits(recipe, task)
     root = cache_root(recipe)
     try:
         (root / "features").mkdir(parents=True, exist_ok=True)

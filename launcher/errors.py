@@ -10,6 +10,7 @@ from __future__ import annotations
 EXIT_OK = 0
 EXIT_FAILURE = 1  # an unexpected exception (a bug, a crash, a dead rank)
 EXIT_USAGE = 2  # bad input: recipe, data, paths, command line
+EXIT_STOPPED = 75  # stopped on request (signal or STOP file) after writing a checkpoint: resumable
 
 
 class LauncherError(Exception):
@@ -28,6 +29,18 @@ class DataError(LauncherError):
 
 class ModelError(LauncherError):
     """The model path does not hold a loadable model/tokenizer."""
+
+
+class StopRequested(Exception):
+    """All ranks agreed to stop at a step and wrote a checkpoint; the run can be resumed."""
+
+    exit_code = EXIT_STOPPED
+
+
+class TrainingError(Exception):
+    """Training cannot go on (e.g. a non-finite loss); not the user's input, but not a crash either."""
+
+    exit_code = EXIT_FAILURE
 
 
 class TopologyError(LauncherError):

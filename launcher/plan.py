@@ -62,6 +62,13 @@ def resolve_batch(training: TrainingSection, world_size: int) -> BatchPlan:
     return BatchPlan(micro, accum, world_size, global_batch)
 
 
+def total_optimizer_steps(training: TrainingSection, steps_per_epoch: int) -> int:
+    """max_steps if set, else epochs (possibly fractional) worth of steps, rounded up."""
+    import math
+
+    return training.max_steps or math.ceil(training.epochs * steps_per_epoch)
+
+
 def strategy_from_accelerate_env(env: Mapping[str, str]) -> str | None:
     """The strategy an `accelerate launch` config asked for (None if it asked for none)."""
     if env.get("ACCELERATE_USE_DEEPSPEED", "false").lower() != "true":
@@ -150,3 +157,50 @@ def deepspeed_config(strategy: str, batch: BatchPlan, training: TrainingSection)
         "steps_per_print": 2**62,
         "wall_clock_breakdown": False,
     }
+
+
+# ------------------------------------------------------------------------------------------
+# Per-rank memory for model states (the ZeRO paper's accounting; activations not included).
+
+@dataclass(frozen=True)
+class MemoryEstimate:
+    parameters: float  # bytes per rank on the device
+    gradients: float
+    optimizer: float
+    cpu: float  # bytes per rank moved to host memory by offload
+
+    @property
+    def device_total(self) -> float:
+        return self.parameters + self.gradients + self.optimizer
+
+
+def memory_estimate(num_parameters: int, strategy: str, precision: str, world_size: int) -> MemoryEstimate:
+    """Model-state bytes per rank: weights, gradients, AdamW state (m, v, and fp32 master weights
+    when DeepSpeed trains in 16 bits). DDP keeps everything on every rank; ZeRO-1 shards the
+    optimizer state, ZeRO-2 also the gradients, ZeRO-3 also the weights; offload moves the
+    optimizer state and weights to host memory."""
+    n = num_parameters
+    sixteen_bit_weights = precision in ("bf16", "fp16") and is_deepspeed(strategy)
+    weight_bytes = 2 if sixteen_bit_weights else 4
+    params, grads = weight_bytes * n, weight_bytes * n
+    optimizer = (12 if sixteen_bit_weights else 8) * n  # (fp32 master +) m + v
+    stage = DEEPSPEED_STAGES.get(strategy, 0)
+    if stage >= 1:
+        optimizer /= world_size
+    if stage >= 2:
+        grads /= world_size
+    if stage >= 3:
+        params /= world_size
+    cpu = 0.0
+    if strategy == "zero3_offload":
+        cpu = optimizer + params
+        optimizer, params = 0.0, 0.0
+    return MemoryEstimate(params, grads, optimizer, cpu)
+
+
+def format_bytes(value: float) -> str:
+    for unit in ("B", "KiB", "MiB", "GiB", "TiB"):
+        if abs(value) < 1024 or unit == "TiB":
+            return f"{value:.0f} {unit}" if unit == "B" else f"{value:.2f} {unit}"
+        value /= 1024
+    return f"{value} B"

@@ -127,6 +127,11 @@ class TrainingSection(_Section):
     )
     seed: int = Field(42, description="Seed for model head init, dropout and data order.")
     log_every: int = Field(10, gt=0, description="Log loss/lr/throughput every N optimizer steps.")
+    on_nonfinite_loss: Literal["error", "skip"] = Field(
+        "error",
+        description="A NaN/inf loss: stop with an error naming the step, or skip that update and count it "
+        "(skip: DDP only; DeepSpeed has already reduced the gradients by then).",
+    )
 
 
 class EvaluationSection(_Section):
@@ -156,13 +161,24 @@ class EvaluationSection(_Section):
 
 
 class DistributedSection(_Section):
-    strategy: Literal["auto", "ddp", "zero0", "zero1", "zero2", "zero3", "zero3_offload"] = Field(
+    strategy: Literal[STRATEGIES] = Field(
         "auto",
         description="auto (what `accelerate launch` was configured with, else DDP), ddp, or DeepSpeed "
         "zero0/zero1/zero2/zero3/zero3_offload.",
     )
     timeout_minutes: float = Field(
         30, gt=0, description="Process-group timeout: how long a collective may wait for a missing rank."
+    )
+
+
+class CheckpointSection(_Section):
+    every_steps: int | None = Field(None, gt=0, description="Write a checkpoint every N optimizer steps.")
+    every_epoch: bool = Field(False, description="Write a checkpoint at the end of each epoch.")
+    keep_last: int = Field(2, ge=1, description="Keep the newest N step checkpoints (the best weights are kept separately).")
+    resume: str = Field(
+        "auto",
+        description="auto: continue from the newest complete checkpoint in the run directory if there is one; "
+        "never: start fresh (refused if the directory holds a run, unless output.overwrite); or a checkpoint path.",
     )
 
 
@@ -181,6 +197,7 @@ class Recipe(_Section):
     training: TrainingSection = Field(default_factory=TrainingSection)
     evaluation: EvaluationSection = Field(default_factory=EvaluationSection)
     distributed: DistributedSection = Field(default_factory=DistributedSection)
+    checkpoint: CheckpointSection = Field(default_factory=CheckpointSection)
     output: OutputSection = Field(default_factory=OutputSection)
 
     _source: Path | None = PrivateAttr(None)  # the recipe file, for paths relative to it

@@ -5,6 +5,9 @@ Layout (README "What is written where"):
     deepspeed_config.json  the generated DeepSpeed config (DeepSpeed strategies only)
     metrics.jsonl        one line per log/eval event
     metrics.json         final validation and test metrics (+ best checkpoint info)
+    status.json          running / stopped (resumable) / finished, with the step
+    checkpoints/         resumable checkpoints and the best weights (see engine/checkpoint.py)
+    STOP                 create this file to make all ranks agree on a step, checkpoint and exit
     predictions/test.jsonl  per-example test predictions
     model/               exported model + tokenizer (safetensors), loadable by transformers
 """
@@ -15,35 +18,101 @@ import json
 import os
 import shutil
 import tempfile
+from dataclasses import dataclass
 from pathlib import Path
+
+import yaml
 
 from ..errors import LauncherError
 from ..paths import resolve_path
 
 # Files a previous run may have left; removed when output.overwrite=true so nothing stale mixes in.
-RUN_ARTIFACTS = ("recipe.yaml", "deepspeed_config.json", "metrics.jsonl", "metrics.json", "predictions", "model")
+RUN_ARTIFACTS = ("recipe.yaml", "deepspeed_config.json", "metrics.jsonl", "metrics.json", "predictions", "model",
+                 "checkpoints", "status.json", "STOP")
 
 
 def output_dir_for(recipe) -> Path:
     return resolve_path(str(recipe.output_dir()))
 
 
-def check_output_dir(recipe) -> Path:
-    """Refuse (before anything is written) a directory that holds another run, or one we cannot write."""
+# Fields that may differ between an interrupted run and its resumption.
+RESUME_MAY_CHANGE = {
+    "output.overwrite", "checkpoint.resume", "checkpoint.every_steps", "checkpoint.every_epoch",
+    "checkpoint.keep_last", "distributed.timeout_minutes", "training.log_every",
+}
+
+
+@dataclass
+class StartDecision:
+    run_dir: Path
+    resume_from: Path | None  # a complete checkpoint, or None for a fresh start
+    note: str = ""
+
+
+def _flatten(data, prefix="") -> dict:
+    flat = {}
+    for key, value in (data or {}).items():
+        if isinstance(value, dict) and value and key != "config_overrides":
+            flat.update(_flatten(value, f"{prefix}{key}."))
+        else:
+            flat[f"{prefix}{key}"] = value
+    return flat
+
+
+def recipe_differences(saved: dict, current: dict) -> list[str]:
+    old, new = _flatten(saved), _flatten(current)
+    keys = sorted((set(old) | set(new)) - RESUME_MAY_CHANGE)
+    return [f"{k}: {old.get(k)!r} -> {new.get(k)!r}" for k in keys if old.get(k) != new.get(k)]
+
+
+def decide_start(recipe) -> StartDecision:
+    """Fresh run, resume, or refuse - decided before anything is written."""
+    from ..recipe import recipe_base_dir
+    from .checkpoint import is_complete, latest_checkpoint
+
     path = output_dir_for(recipe)
     if path.exists() and not path.is_dir():
         raise LauncherError(f"output.dir: {path} exists and is not a directory; choose another output.dir")
-    if path.exists() and (path / "recipe.yaml").exists() and not recipe.output.overwrite:
-        raise LauncherError(
-            f"output.dir: {path} already holds a run; set output.overwrite=true to replace it, "
-            f"or choose another output.dir"
-        )
     probe = path
     while not probe.exists():
         probe = probe.parent
     if not os.access(probe, os.W_OK | os.X_OK):
         raise LauncherError(f"output.dir: cannot write to {probe} (permission denied); choose another output.dir")
-    return path
+
+    resume = recipe.checkpoint.resume
+    if resume not in ("auto", "never"):
+        checkpoint = resolve_path(resume, recipe_base_dir(recipe))
+        if not is_complete(checkpoint):
+            raise LauncherError(
+                f"checkpoint.resume: {checkpoint} is not a complete checkpoint (no trainer_state.json); "
+                f"name a checkpoints/step-N directory, or use auto"
+            )
+        return StartDecision(path, checkpoint, f"resuming from {checkpoint}")
+    holds_run = (path / "recipe.yaml").is_file()
+    if not holds_run or recipe.output.overwrite:
+        return StartDecision(path, None)
+    if resume == "never":
+        raise LauncherError(
+            f"output.dir: {path} already holds a run and checkpoint.resume=never; set output.overwrite=true "
+            f"to replace it, or choose another output.dir"
+        )
+    saved = yaml.safe_load((path / "recipe.yaml").read_text()) or {}
+    differences = recipe_differences(saved, recipe.model_dump(mode="json"))
+    if differences:
+        shown = "; ".join(differences[:3]) + (f"; and {len(differences) - 3} more" if len(differences) > 3 else "")
+        raise LauncherError(
+            f"output.dir: {path} holds a run of a different recipe ({shown}); set output.overwrite=true to replace "
+            f"it, or choose another output.dir"
+        )
+    if (path / "metrics.json").is_file():
+        raise LauncherError(
+            f"output.dir: {path} already holds a finished run of this recipe; set output.overwrite=true to run "
+            f"it again, or choose another output.dir"
+        )
+    checkpoint = latest_checkpoint(path)
+    if checkpoint is None:
+        return StartDecision(path, None, "the run directory holds an unfinished run without a complete checkpoint: starting over")
+    return StartDecision(path, checkpoint, f"resuming from {checkpoint}")
 
 
 def prepare_output_dir(path: Path) -> None:

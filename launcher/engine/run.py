@@ -1,10 +1,13 @@
-"""One fine-tuning run on one rank, in four verbs: setup, train, finish (evaluate + export), and the
-optimizer step in between, readable top to bottom.
+"""One fine-tuning run on one rank: setup, train, finish. The optimizer step reads top to bottom.
 
-Loss normalization: each micro-batch contributes ``loss_sum * world_size / targets_in_step`` where
-``targets_in_step`` counts supervised targets over all micro-batches of all ranks in this optimizer
-step. DDP and DeepSpeed average gradients over ranks (divide by world_size), so the update is the
-gradient of the mean loss over the whole global batch, however it is split.
+Loss normalization: each micro-batch backpropagates ``loss_sum * world_size / targets_in_step``
+where ``targets_in_step`` counts supervised targets over all micro-batches of all ranks in this
+optimizer step. DDP and DeepSpeed average gradients over ranks (divide by world_size), so the
+update is the gradient of the mean loss over the whole global batch, however it is split.
+
+Stopping: a SIGTERM/SIGUSR1 to any rank, or a STOP file in the run directory, sets a local flag. The
+flag rides on the one all-reduce every step already does, so all ranks see it at the same step, write
+one checkpoint together and exit with EXIT_STOPPED.
 """
 
 from __future__ import annotations
@@ -12,36 +15,33 @@ from __future__ import annotations
 import logging
 import math
 import os
+import signal
 import time
 from contextlib import nullcontext
 
 import torch
 
 from ..data import prepare_data
-from ..errors import DataError
+from ..errors import DataError, StopRequested, TrainingError
 from ..model_io import load_tokenizer
-from ..plan import is_deepspeed
+from ..plan import is_deepspeed, total_optimizer_steps
 from ..recipe import Recipe, recipe_to_yaml
 from ..sampling import rank_micro_batches, steps_per_epoch
 from ..tasks import TASKS
+from .checkpoint import TrainerState, check_resumable, load_checkpoint, remove_partials, save_checkpoint
 from .evaluate import predict, to_device
 from .log import RankLog, format_seconds
-from .outputs import (
-    check_output_dir,
-    prepare_output_dir,
-    write_json_atomic,
-    write_jsonl_atomic,
-    write_text_atomic,
-)
+from .outputs import decide_start, prepare_output_dir, write_json_atomic, write_jsonl_atomic, write_text_atomic
 from .setup import build_accelerator, plan_topology
 from .weights import (
     count_parameters,
     export_pretrained,
-    full_state_dict,
     fused_adamw_kwargs,
     optimizer_param_groups,
-    restore_state_dict,
+    restore_exported,
 )
+
+STOP_SIGNALS = (signal.SIGTERM, signal.SIGUSR1)
 
 
 def _quiet_libraries(is_main: bool) -> None:
@@ -53,18 +53,38 @@ def _quiet_libraries(is_main: bool) -> None:
         logging.getLogger(name).setLevel(logging.WARNING)
 
 
+class StopFlag:
+    """Set by a stop signal to this process or by the STOP file; read once per step."""
+
+    def __init__(self, stop_file):
+        self.stop_file = stop_file
+        self.reason: str | None = None
+        for sig in STOP_SIGNALS:
+            signal.signal(sig, self._on_signal)
+
+    def _on_signal(self, signum, frame) -> None:
+        self.reason = signal.Signals(signum).name
+
+    def requested(self) -> bool:
+        if self.reason is None and self.stop_file.exists():
+            self.reason = f"{self.stop_file.name} file"
+        return self.reason is not None
+
+
+def _injected_fault(rank: int, step: int) -> None:
+    """LAUNCHER_FAULT=RANK:STEP makes that rank raise at that step (for fail-fast tests and drills)."""
+    spec = os.environ.get("LAUNCHER_FAULT")
+    if spec and spec == f"{rank}:{step}":
+        raise RuntimeError(f"injected fault (LAUNCHER_FAULT={spec})")
+
+
 class FineTuneRun:
     def __init__(self, recipe: Recipe):
         self.recipe = recipe
-        self.step = 0
-        self.epoch = 0
-        self.best: dict | None = None  # {"metric", "value", "step", "metrics"}
-        self.best_state = None
-        self.best_step: int | None = None
-        self.evals_without_improvement = 0
-        self.stop_early = False
-        self.last_validation: dict | None = None
-        self.last_validation_step = -1
+        self.state = TrainerState()
+        self.train_seconds = 0.0
+        self.skipped_steps = 0
+        self.validation_reports: dict[int, dict] = {}  # step -> full metrics (main process, this attempt)
 
     # ------------------------------------------------------------------------------------
     def setup(self) -> None:
@@ -78,7 +98,8 @@ class FineTuneRun:
 
         set_seed(recipe.training.seed)
         self.task = task = TASKS[recipe.task](recipe)
-        self.out_dir = check_output_dir(recipe)
+        self.start = decide_start(recipe)
+        self.out_dir = self.start.run_dir
         self.tokenizer = load_tokenizer(recipe)
         self.data = prepare_data(recipe, task, self.tokenizer, accelerator.local_main_process_first)
         batch = self.topology.batch
@@ -90,17 +111,23 @@ class FineTuneRun:
                 f"global batch ({batch.describe()}); lower training.micro_batch_size / grad_accum_steps"
             )
         training = recipe.training
-        self.total_steps = training.max_steps or math.ceil(training.epochs * self.steps_per_epoch)
+        self.total_steps = total_optimizer_steps(training, self.steps_per_epoch)
         self.model = task.build_model(self.tokenizer)
 
-        # Everything the user could have got wrong has been checked; now the run directory appears.
+        # Everything the user could have got wrong has been checked; now the run directory is written.
+        self.stop_file = self.out_dir / "STOP"
         if accelerator.is_main_process:
-            prepare_output_dir(self.out_dir)
+            if self.start.resume_from is None:
+                prepare_output_dir(self.out_dir)
+            else:
+                remove_partials(self.out_dir)
+            self.stop_file.unlink(missing_ok=True)  # a stop request belongs to the run it stopped
             write_text_atomic(self.out_dir / "recipe.yaml", recipe_to_yaml(recipe))
             if self.topology.deepspeed_config:
                 write_json_atomic(self.out_dir / "deepspeed_config.json", self.topology.deepspeed_config)
             log.metrics_path = self.out_dir / "metrics.jsonl"
         accelerator.wait_for_everyone()
+        self.stop = StopFlag(self.stop_file)
 
         optimizer = torch.optim.AdamW(
             optimizer_param_groups(self.model, training.weight_decay),
@@ -122,7 +149,32 @@ class FineTuneRun:
         )
         self.model, self.optimizer = accelerator.prepare(self.model, optimizer)
         self.deepspeed = is_deepspeed(self.topology.strategy)
+        self.state = TrainerState(world_size=self.world_size, strategy=self.topology.strategy,
+                                  global_batch_size=batch.global_batch_size)
+        if self.start.resume_from is not None:
+            self._resume(self.start.resume_from)
+        elif self.start.note:
+            log.info(self.start.note)
         self._announce(warmup)
+
+    def _resume(self, directory) -> None:
+        saved = TrainerState.read(directory)
+        check_resumable(saved, self.topology.strategy, self.world_size, self.topology.batch.global_batch_size, directory)
+        self.state = load_checkpoint(self.accelerator, directory)
+        self.scheduler.load_state_dict(self.state.scheduler)
+        self.state.world_size, self.state.strategy = self.world_size, self.topology.strategy
+        self.log.info(f"resumed from {directory} at step {self.state.step} (epoch {self.state.epoch}, "
+                      f"step {self.state.step_in_epoch} of it)")
+        if self.accelerator.is_main_process:
+            # Events after the checkpoint belong to the interrupted attempt; they happen again now.
+            path = self.out_dir / "metrics.jsonl"
+            if path.exists():
+                import json
+
+                kept = [line for line in path.read_text().splitlines()
+                        if json.loads(line).get("step", 0) <= self.state.step]
+                write_text_atomic(path, "".join(line + "\n" for line in kept))
+        self.log.event({"event": "resume", "step": self.state.step, "checkpoint": str(directory)})
 
     def _announce(self, warmup: int) -> None:
         log, data, batch = self.log, self.data, self.topology.batch
@@ -145,58 +197,83 @@ class FineTuneRun:
             f"the last incomplete global batch), warmup {warmup}"
         )
         log.info(f"parameters: {trainable:,} trainable of {total:,} ({100 * trainable / max(total, 1):.1f}%)")
-        log.event({"event": "start", "world_size": self.world_size, "strategy": self.topology.strategy,
-                   **batch.as_dict(), "total_steps": self.total_steps, "steps_per_epoch": self.steps_per_epoch,
-                   "trainable_parameters": trainable, "parameters": total,
-                   "examples": {k: len(v) for k, v in data.features.items()}, "dropped": data.dropped})
+        if self.start.resume_from is None:
+            log.event({"event": "start", "world_size": self.world_size, "strategy": self.topology.strategy,
+                       **batch.as_dict(), "total_steps": self.total_steps, "steps_per_epoch": self.steps_per_epoch,
+                       "trainable_parameters": trainable, "parameters": total,
+                       "examples": {k: len(v) for k, v in data.features.items()}, "dropped": data.dropped})
+        self._write_status("running")
+
+    def _write_status(self, state: str, **extra) -> None:
+        if self.accelerator.is_main_process:
+            write_json_atomic(self.out_dir / "status.json", {"state": state, "step": self.state.step,
+                                                             "total_steps": self.total_steps, **extra})
 
     # ------------------------------------------------------------------------------------
     def train(self) -> None:
         recipe, training, evaluation = self.recipe, self.recipe.training, self.recipe.evaluation
+        checkpointing = recipe.checkpoint
+        state = self.state
         has_validation = "validation" in self.data.features
         self.model.train()
         start = window_start = time.perf_counter()
-        window_loss = torch.zeros((), dtype=torch.float64)
-        window_targets = 0.0
-        window_steps = 0
-        while self.step < self.total_steps and not self.stop_early:
-            for micro_batches in rank_micro_batches(
-                len(self.train_features), self.topology.batch, self.rank, training.seed, self.epoch
-            ):
-                loss_sum, targets, grad_norm = self._optimizer_step(micro_batches)
-                self.step += 1
+        steps_at_start = state.step
+        window_loss, window_targets, window_steps = 0.0, 0.0, 0
+        while state.step < self.total_steps and not self._early_stopped():
+            batches = rank_micro_batches(len(self.train_features), self.topology.batch, self.rank,
+                                         training.seed, state.epoch, start_step=state.step_in_epoch)
+            for micro_batches in batches:
+                outcome = self._optimizer_step(micro_batches)
+                if outcome is None:  # all ranks agreed to stop before this step
+                    self._stop()
+                state.step += 1
+                state.step_in_epoch += 1
+                loss_sum, targets, grad_norm = outcome
                 window_loss += loss_sum
                 window_targets += targets
                 window_steps += 1
-                if self.step % training.log_every == 0 or self.step == self.total_steps:
+                if state.step % training.log_every == 0 or state.step == self.total_steps:
                     now = time.perf_counter()
-                    self._log_train(window_loss, window_targets, window_steps, grad_norm, now - window_start, now - start)
-                    window_loss.zero_()
-                    window_targets, window_steps, window_start = 0.0, 0, time.perf_counter()
-                if has_validation and evaluation.every_steps and self.step % evaluation.every_steps == 0:
+                    self._log_train(window_loss, window_targets, window_steps, grad_norm, now - window_start,
+                                    now - start, state.step - steps_at_start)
+                    window_loss, window_targets, window_steps, window_start = 0.0, 0.0, 0, time.perf_counter()
+                if has_validation and evaluation.every_steps and state.step % evaluation.every_steps == 0:
                     self.validate()
-                if self.step >= self.total_steps or self.stop_early:
+                if checkpointing.every_steps and state.step % checkpointing.every_steps == 0:
+                    self.checkpoint()
+                if state.step >= self.total_steps or self._early_stopped():
                     break
             else:
-                self.epoch += 1
-                if has_validation and evaluation.every_epoch and self.last_validation_step != self.step:
+                state.epoch += 1
+                state.step_in_epoch = 0
+                if has_validation and evaluation.every_epoch and state.last_validation_step != state.step:
                     self.validate()
+                if checkpointing.every_epoch:
+                    self.checkpoint()
                 continue
             break
-        if has_validation and self.last_validation_step != self.step:
+        if has_validation and state.last_validation_step != state.step:
             self.validate()
         self.train_seconds = time.perf_counter() - start
 
+    def _early_stopped(self) -> bool:
+        patience = self.recipe.evaluation.early_stopping_patience
+        return bool(patience) and self.state.evals_without_improvement >= patience
+
     def _optimizer_step(self, micro_batches: list[list[int]]):
-        accelerator, model, task = self.accelerator, self.model, self.task
+        accelerator, model, task, state = self.accelerator, self.model, self.task, self.state
+        _injected_fault(self.rank, state.step + 1)
         batches = [
             to_device(task.collate(self.train_features[indices], self.tokenizer), accelerator.device)
             for indices in micro_batches
         ]
-        local_targets = sum(task.count_targets(batch) for batch in batches).to(torch.float64)
-        step_targets = float(self._sum_over_ranks(local_targets))
+        local_targets = float(sum(task.count_targets(batch) for batch in batches))
+        # One all-reduce carries both the step's target count and any rank's stop request.
+        step_targets, stop_votes = self._sum_over_ranks([local_targets, float(self.stop.requested())])
+        if stop_votes > 0:
+            return None
         scale = self.world_size / step_targets
-        step_loss = torch.zeros((), dtype=torch.float64)
+        local_loss = torch.zeros((), dtype=torch.float64)
         for index, batch in enumerate(batches):
             last = index == len(batches) - 1
             # Only the last micro-batch synchronizes gradients across ranks.
@@ -210,7 +287,18 @@ class FineTuneRun:
                     model.backward(loss_sum * scale, scale_wrt_gas=False)
                 else:
                     accelerator.backward(loss_sum * scale)
-            step_loss += loss_sum.detach().to("cpu", torch.float64)
+            local_loss += loss_sum.detach().to("cpu", torch.float64)
+        (step_loss,) = self._sum_over_ranks([float(local_loss)])
+        if not math.isfinite(step_loss):
+            if self.recipe.training.on_nonfinite_loss == "error" or self.deepspeed:
+                raise TrainingError(
+                    f"non-finite loss ({step_loss}) at optimizer step {state.step + 1} (epoch {state.epoch}); "
+                    f"lower training.learning_rate, check the data, or set training.on_nonfinite_loss=skip"
+                )
+            self.optimizer.zero_grad(set_to_none=True)
+            self.skipped_steps += 1
+            self.log.event({"event": "skipped_step", "step": state.step + 1, "loss": step_loss})
+            return 0.0, 0.0, float("nan")
         if self.deepspeed:
             # ZeRO-0 does not report the norm it clips with; gradients are already averaged here.
             grad_norm = _grad_norm(model.parameters()) if self.topology.strategy == "zero0" else None
@@ -224,25 +312,43 @@ class FineTuneRun:
         self.scheduler.step()
         return step_loss, step_targets, grad_norm
 
-    def _sum_over_ranks(self, value: torch.Tensor) -> torch.Tensor:
+    def _sum_over_ranks(self, values: list[float]) -> list[float]:
         if self.world_size == 1:
-            return value
-        return self.accelerator.reduce(value.to(self.accelerator.device), reduction="sum").cpu()
+            return values
+        tensor = torch.tensor(values, dtype=torch.float64, device=self.accelerator.device)
+        return self.accelerator.reduce(tensor, reduction="sum").tolist()
 
-    def _log_train(self, window_loss, window_targets, window_steps, grad_norm, window_seconds, elapsed) -> None:
-        loss = float(self._sum_over_ranks(window_loss)) / window_targets
+    def _log_train(self, window_loss, window_targets, window_steps, grad_norm, window_seconds, elapsed, steps_done) -> None:
+        step = self.state.step
+        loss = window_loss / window_targets if window_targets else float("nan")
         samples = window_steps * self.topology.batch.global_batch_size
         rate = samples / window_seconds if window_seconds > 0 else float("nan")
-        eta = (self.total_steps - self.step) * (elapsed / self.step)
+        eta = (self.total_steps - step) * (elapsed / max(steps_done, 1))
         lr = self.scheduler.get_last_lr()[0]
         grad_norm = float(grad_norm) if grad_norm is not None else float("nan")
-        epoch = self.step / self.steps_per_epoch
+        epoch = step / self.steps_per_epoch
         self.log.info(
-            f"step {self.step}/{self.total_steps} | epoch {epoch:.2f} | loss {loss:.4f} | lr {lr:.3e} | "
+            f"step {step}/{self.total_steps} | epoch {epoch:.2f} | loss {loss:.4f} | lr {lr:.3e} | "
             f"grad_norm {grad_norm:.3f} | {rate:.1f} samples/s | eta {format_seconds(eta)}"
         )
-        self.log.event({"event": "train", "step": self.step, "epoch": round(epoch, 4), "loss": loss, "lr": lr,
+        self.log.event({"event": "train", "step": step, "epoch": round(epoch, 4), "loss": loss, "lr": lr,
                         "grad_norm": grad_norm, "samples_per_second": rate, "elapsed_s": round(elapsed, 3)})
+
+    # ------------------------------------------------------------------------------------
+    def checkpoint(self):
+        self.state.scheduler = self.scheduler.state_dict()
+        directory = save_checkpoint(self.accelerator, self.out_dir, self.state, self.recipe.checkpoint.keep_last)
+        self.log.info(f"checkpoint: {directory}")
+        self.log.event({"event": "checkpoint", "step": self.state.step, "path": str(directory)})
+        return directory
+
+    def _stop(self) -> None:
+        reason = self.stop.reason or "another rank's request"
+        self.log.info(f"stop requested ({reason}): all ranks stop at step {self.state.step}")
+        directory = self.checkpoint()
+        self._write_status("stopped", checkpoint=str(directory), reason=reason)
+        raise StopRequested(f"stopped at step {self.state.step} ({reason}); checkpoint {directory}; "
+                            f"run the same command again to resume")
 
     # ------------------------------------------------------------------------------------
     def _eval_batch_size(self) -> int:
@@ -258,74 +364,77 @@ class FineTuneRun:
     def validate(self) -> None:
         from accelerate.utils import broadcast_object_list
 
+        state, evaluation = self.state, self.recipe.evaluation
         metrics, _ = self.evaluate("validation")
-        self.last_validation_step = self.step
-        evaluation = self.recipe.evaluation
-        decision = [None]
+        state.last_validation_step = state.step
+        improved = [False]
         if self.accelerator.is_main_process:
-            self.last_validation = metrics
-            self.log.info(f"validation @ step {self.step}: {_summary(metrics)}")
-            self.log.event({"event": "eval", "split": "validation", "step": self.step, **_scalars(metrics)})
-            improved = False
+            state.last_validation = _scalars(metrics)
+            self.validation_reports[state.step] = metrics
+            self.log.info(f"validation @ step {state.step}: {_summary(metrics)}")
+            self.log.event({"event": "eval", "split": "validation", "step": state.step, **_scalars(metrics)})
             if evaluation.best_metric:
                 value = metrics[evaluation.best_metric]
                 greater = evaluation.greater_is_better
                 if greater is None:
                     greater = evaluation.best_metric != "loss"
-                improved = self.best is None or (value > self.best["value"] if greater else value < self.best["value"])
-                if improved:
-                    self.best = {"metric": evaluation.best_metric, "value": value, "step": self.step, "metrics": metrics}
-            decision = [improved]
-        # Every rank must take the same branch: the snapshot is a collective under ZeRO-3.
-        decision = broadcast_object_list(decision) if self.world_size > 1 else decision
+                best = state.best
+                improved = [best is None or (value > best["value"] if greater else value < best["value"])]
         if not evaluation.best_metric:
             return
-        if decision[0]:
-            self.best_state = full_state_dict(self.accelerator, self.model)
-            self.best_step = self.step
-            self.evals_without_improvement = 0
+        # Every rank takes the same branch: saving the best weights is a collective under ZeRO-3.
+        improved = broadcast_object_list(improved) if self.world_size > 1 else improved
+        if improved[0]:
+            if self.accelerator.is_main_process:
+                state.best = {"metric": evaluation.best_metric, "value": metrics[evaluation.best_metric],
+                              "step": state.step, "metrics": _scalars(metrics)}
+            export_pretrained(self.accelerator, self.model, self.tokenizer, self.out_dir / "checkpoints" / "best")
+            state.best = broadcast_object_list([state.best])[0] if self.world_size > 1 else state.best
+            state.evals_without_improvement = 0
         else:
-            self.evals_without_improvement += 1
-            if evaluation.early_stopping_patience and self.evals_without_improvement >= evaluation.early_stopping_patience:
-                self.stop_early = True
+            state.evals_without_improvement += 1
+            if self._early_stopped():
                 self.log.info(
                     f"early stopping: {evaluation.best_metric} has not improved for "
-                    f"{self.evals_without_improvement} evaluations (best at step {self.best_step})"
+                    f"{state.evals_without_improvement} evaluations (best at step {state.best['step']})"
                 )
 
     # ------------------------------------------------------------------------------------
     def finish(self) -> dict | None:
-        accelerator, log, out = self.accelerator, self.log, self.out_dir
+        accelerator, log, out, state = self.accelerator, self.log, self.out_dir, self.state
         results: dict = {"validation": None, "test": None, "best": None}
-        if self.best_step is not None and self.best_step != self.step:
-            # Every rank knows best_step (the decision was broadcast); under ZeRO-3 only rank 0 holds
-            # the snapshot and the restore is a collective.
-            log.info(f"restoring the best weights from step {self.best_step}")
-            restore_state_dict(accelerator, self.model, self.best_state)
+        if state.best is not None and state.best["step"] != state.step:
+            log.info(f"restoring the best weights (step {state.best['step']}, "
+                     f"{state.best['metric']} {state.best['value']:.4f})")
+            restore_exported(accelerator, self.model, out / "checkpoints" / "best")
         if accelerator.is_main_process:
-            results["validation"] = self.best["metrics"] if self.best else self.last_validation
-            if self.best:
-                results["best"] = {k: v for k, v in self.best.items() if k != "metrics"}
+            chosen = state.best["step"] if state.best else state.last_validation_step
+            fallback = state.best["metrics"] if state.best else state.last_validation
+            results["validation"] = self.validation_reports.get(chosen, fallback)
+            if state.best:
+                results["best"] = {k: v for k, v in state.best.items() if k != "metrics"}
         if "test" in self.data.features:
             metrics, records = self.evaluate("test")
             if accelerator.is_main_process:
                 results["test"] = metrics
                 log.info(f"test: {_summary(metrics)}")
-                log.event({"event": "eval", "split": "test", "step": self.step, **_scalars(metrics)})
+                log.event({"event": "eval", "split": "test", "step": state.step, **_scalars(metrics)})
                 if self.recipe.output.save_predictions:
                     rows = self.task.prediction_rows(records, self.data.raw["test"])
                     write_jsonl_atomic(out / "predictions" / "test.jsonl", rows)
         if self.recipe.output.export_model:
-            export_pretrained(accelerator, self.model, self.tokenizer, out / "model", state=None)
+            export_pretrained(accelerator, self.model, self.tokenizer, out / "model")
         if accelerator.is_main_process:
-            results["train"] = {"steps": self.step, "epochs": round(self.step / self.steps_per_epoch, 4),
-                                "runtime_s": round(self.train_seconds, 2), "world_size": self.world_size,
-                                "strategy": self.topology.strategy, **self.topology.batch.as_dict()}
+            results["train"] = {"steps": state.step, "epochs": round(state.step / self.steps_per_epoch, 4),
+                                "runtime_s": round(self.train_seconds, 2), "skipped_steps": self.skipped_steps,
+                                "world_size": self.world_size, "strategy": self.topology.strategy,
+                                **self.topology.batch.as_dict()}
             write_json_atomic(out / "metrics.json", results)
-            log.event({"event": "end", "step": self.step})
+            log.event({"event": "end", "step": state.step})
             if self.recipe.output.export_model:
                 log.info(f"model: {out / 'model'}")
             log.info(f"metrics: {out / 'metrics.json'}")
+        self._write_status("finished")
         accelerator.wait_for_everyone()
         return results if accelerator.is_main_process else None
 
@@ -341,7 +450,9 @@ class FineTuneRun:
 
 def _grad_norm(parameters) -> torch.Tensor:
     grads = [p.grad for p in parameters if p.grad is not None]
-    return torch.linalg.vector_norm(torch.stack([torch.linalg.vector_norm(g.float()) for g in grads])) if grads else torch.zeros(())
+    if not grads:
+        return torch.zeros(())
+    return torch.linalg.vector_norm(torch.stack([torch.linalg.vector_norm(g.float()) for g in grads]))
 
 
 def _scalars(metrics: dict) -> dict:

@@ -43,6 +43,11 @@ def plan_topology(recipe: Recipe, env=None) -> Topology:
     check_accelerate_precision(env, recipe.training.precision)
     if recipe.training.precision == "fp16" and not torch.cuda.is_available():
         raise TopologyError("training.precision=fp16 needs a GPU; on CPU use fp32 (or bf16, which is slow on most CPUs)")
+    if is_deepspeed(strategy) and recipe.training.on_nonfinite_loss == "skip":
+        raise TopologyError(
+            f"training.on_nonfinite_loss=skip works with DDP only; under DeepSpeed ({strategy}) the gradients are "
+            f"already reduced into ZeRO buffers when the loss is known: use on_nonfinite_loss=error"
+        )
     ds_config = deepspeed_config(strategy, batch, recipe.training) if is_deepspeed(strategy) else None
     # Gloo on CPU. Naming the backend explicitly matters: under `accelerate launch --use_deepspeed`
     # on a CPU-only host Accelerate otherwise reports num_processes=1 / process_index=0 on every rank.

@@ -41,6 +41,15 @@ def restore_state_dict(accelerator, model, state: dict | None) -> None:
         raise RuntimeError(f"restoring weights: missing {missing}, unexpected {unexpected}")
 
 
+def restore_exported(accelerator, model, directory: Path) -> None:
+    """Load weights written by ``export_pretrained`` back into the live model (collective under ZeRO-3)."""
+    from safetensors.torch import load_file
+
+    needs_file = accelerator.is_main_process or not is_zero3(model)
+    state = load_file(str(directory / "model.safetensors")) if needs_file else None
+    restore_state_dict(accelerator, model, state)
+
+
 def export_pretrained(accelerator, model, tokenizer, target: Path, state: dict | None = None) -> None:
     """save_pretrained (safetensors) + tokenizer into ``target``, atomically; all ranks call this."""
     if state is None:

@@ -23,6 +23,7 @@ Record = dict[str, Any]  # one example's evaluation result; must hold "id" (its 
 
 class Task:
     name: ClassVar[str]
+    auto_model_class: ClassVar[str]  # the transformers Auto class that builds this task's model
     # metric name (evaluation.metrics entry) -> the scalar keys it produces (for best_metric)
     metric_keys: ClassVar[dict[str, list[str]]]
     pipeline_task: ClassVar[str | None] = None
@@ -63,6 +64,17 @@ class Task:
         """Extra config attributes to set when loading (e.g. num_labels / id2label)."""
         return {}
 
+    def count_parameters(self) -> int:
+        """Parameters of the model this task would build, without loading weights (meta device)."""
+        import transformers
+
+        _, config = load_pretrained_config(self.recipe, **self.model_config_kwargs())
+        with torch.device("meta"):
+            model = getattr(transformers, self.auto_model_class).from_config(
+                config, trust_remote_code=self.recipe.model.trust_remote_code
+            )
+        return sum(p.numel() for p in model.parameters())
+
     # ---- batches ------------------------------------------------------------------------
     def collate(self, rows: dict[str, list], tokenizer) -> Batch:
         raise NotImplementedError
@@ -77,6 +89,14 @@ class Task:
     def loss_sum(self, outputs, batch: Batch) -> torch.Tensor:
         """Sum (not mean) of the loss over the batch's supervised targets."""
         raise NotImplementedError
+
+    def describe_batch(self, batch: Batch, tokenizer) -> list[str]:
+        """One line per example: what the model sees, decoded (for `launcher debug`)."""
+        lines = []
+        for row, ids in enumerate(batch["input_ids"].tolist()):
+            length = int(batch["attention_mask"][row].sum()) if "attention_mask" in batch else len(ids)
+            lines.append(f"[{length} tokens] {tokenizer.decode(ids[:length])!r}")
+        return lines
 
     # ---- evaluation ---------------------------------------------------------------------
     def records(self, outputs, batch: Batch) -> list[Record]:

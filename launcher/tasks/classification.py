@@ -26,6 +26,7 @@ def _label_key(value) -> str:
 
 class SequenceClassificationTask(Task):
     name = "sequence_classification"
+    auto_model_class = "AutoModelForSequenceClassification"
     metric_keys = CLASSIFICATION_KEYS
     pipeline_task = "text-classification"
 
@@ -132,13 +133,13 @@ class SequenceClassificationTask(Task):
         }
 
     def build_model(self, tokenizer):
-        from transformers import AutoModelForSequenceClassification
+        import transformers
 
         location, config = load_pretrained_config(self.recipe, **self.model_config_kwargs())
         if getattr(config, "pad_token_id", None) is None:
             config.pad_token_id = tokenizer.pad_token_id  # needed to find the last token in GPT-style heads
         try:
-            return AutoModelForSequenceClassification.from_pretrained(
+            return getattr(transformers, self.auto_model_class).from_pretrained(
                 location,
                 config=config,
                 trust_remote_code=self.recipe.model.trust_remote_code,
@@ -170,6 +171,10 @@ class SequenceClassificationTask(Task):
 
     def loss_sum(self, outputs, batch: Batch) -> torch.Tensor:
         return F.cross_entropy(outputs.logits.float(), batch["labels"], reduction="sum")
+
+    def describe_batch(self, batch: Batch, tokenizer) -> list[str]:
+        lines = super().describe_batch(batch, tokenizer)
+        return [f"label {self.label_names[y]!r} <- {line}" for y, line in zip(batch["labels"].tolist(), lines)]
 
     # ---- evaluation ---------------------------------------------------------------------
     def records(self, outputs, batch: Batch) -> list[Record]:

@@ -28,7 +28,9 @@ def test_run_directory_holds_every_output(finished_run):
     for name in ("recipe.yaml", "metrics.jsonl", "metrics.json", "predictions/test.jsonl", "model/config.json",
                  "model/model.safetensors", "model/tokenizer.json"):
         assert (run_dir / name).exists(), name
-    assert not list(run_dir.glob(".*")), "no temporary files left behind"
+    assert not list(run_dir.rglob(".*")), "no temporary files left behind"
+    assert json.loads((run_dir / "status.json").read_text())["state"] == "finished"
+    assert (run_dir / "checkpoints" / "best" / "model.safetensors").exists()
     assert "model:" in result.stdout and "metrics:" in result.stdout
 
 
@@ -82,8 +84,12 @@ def test_refuses_to_overwrite_a_finished_run(finished_run, isolated_env, tmp_pat
     before = (run_dir / "metrics.json").read_text()
     result = run_launcher(["train", str(path)], isolated_env)
     assert result.returncode == 2
-    assert "already holds a run; set output.overwrite=true" in result.stderr
+    assert "already holds a finished run of this recipe; set output.overwrite=true" in result.stderr
     assert (run_dir / "metrics.json").read_text() == before
+    other = dict(recipe, training={**recipe["training"], "learning_rate": 0.5})
+    result = run_launcher(["train", str(write_recipe(tmp_path / "other.yaml", other))], isolated_env)
+    assert result.returncode == 2
+    assert "holds a run of a different recipe (training.learning_rate: 0.003 -> 0.5)" in result.stderr
 
 
 @pytest.mark.parametrize(
