@@ -116,7 +116,7 @@ def cmd_slurm(args) -> int:
     plan = build_plan(args.recipe, args.overrides, request)
     if args.gpus_per_node:
         plan.device = "cuda"  # the compute nodes have the GPUs, whatever this login node has
-    print_plan(plan)
+    print_plan(plan, show_command=False)
     script = write_job(plan, slurm)
     print(f"sbatch script: {script}")
     if args.submit:
@@ -150,8 +150,20 @@ def _rank_prefix() -> str:
     return f"[rank {os.environ.get('RANK', '0')}] " if world > 1 else ""
 
 
+def parse_args(argv: list[str] | None = None):
+    """Overrides (KEY=VALUE) may come before, between or after the options."""
+    parser = build_parser()
+    args, unknown = parser.parse_known_args(argv)
+    stray = [a for a in unknown if a.startswith("-") or "=" not in a]
+    if stray or (unknown and not hasattr(args, "overrides")):
+        parser.error(f"unrecognized arguments: {' '.join(stray or unknown)}")
+    if unknown:
+        args.overrides = [*args.overrides, *unknown]
+    return args
+
+
 def main(argv: list[str] | None = None) -> int:
-    args = build_parser().parse_args(argv)
+    args = parse_args(argv)
     try:
         return COMMANDS[args.command](args)
     except LauncherError as exc:

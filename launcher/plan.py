@@ -125,6 +125,17 @@ def check_accelerate_precision(env: Mapping[str, str], precision: str) -> None:
         )
 
 
+def check_accelerate_zero3_export(env: Mapping[str, str], strategy: str) -> None:
+    """Exporting a ZeRO-3 model needs its shards gathered; an accelerate config that turns that off
+    would leave no full weights to export or to keep as the best model."""
+    value = env.get("ACCELERATE_DEEPSPEED_ZERO3_SAVE_16BIT_MODEL")
+    if strategy.startswith("zero3") and value is not None and value.lower() == "false":
+        raise TopologyError(
+            "the accelerate config sets zero3_save_16bit_model: false, but under ZeRO-3 the exported model and the "
+            "best-model copy need the full gathered weights; set zero3_save_16bit_model: true (or remove it)"
+        )
+
+
 def is_deepspeed(strategy: str) -> bool:
     return strategy in DEEPSPEED_STAGES
 

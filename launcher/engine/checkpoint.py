@@ -5,7 +5,9 @@ Layout under ``<run>/checkpoints/``:
                             per-rank RNG states) + trainer_state.json (written last)
     .partial-step-.../      a checkpoint being written; never used, removed on the next start
     latest                  the name of the newest complete checkpoint (written after the rename)
-    best/                   the best validation weights (save_pretrained, loadable on their own)
+    best-step-00000100/     the best validation weights so far (save_pretrained, loadable on their own);
+                            the one the newest checkpoint refers to is kept until a newer checkpoint
+                            refers to a newer one, so a resume always finds its best weights
 
 Writing: all ranks save into ``.partial-<name>``; rank 0 adds trainer_state.json, fsyncs, renames
 the directory into place, then rewrites ``latest``. A process killed at any point leaves the previous
@@ -21,6 +23,7 @@ import shutil
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
+from .. import faults
 from ..errors import LauncherError
 from .outputs import write_json_atomic, write_text_atomic
 
@@ -53,6 +56,19 @@ class TrainerState:
 
 def checkpoints_root(run_dir: Path) -> Path:
     return run_dir / "checkpoints"
+
+
+def best_dir(run_dir: Path, step: int) -> Path:
+    return checkpoints_root(run_dir) / f"best-step-{step:08d}"
+
+
+def prune_best(run_dir: Path, keep_steps: set[int]) -> None:
+    root = checkpoints_root(run_dir)
+    if not root.is_dir():
+        return
+    for directory in root.glob("best-step-*"):
+        if int(directory.name.rsplit("-", 1)[-1]) not in keep_steps:
+            shutil.rmtree(directory, ignore_errors=True)
 
 
 def is_complete(directory: Path) -> bool:
@@ -108,11 +124,15 @@ def save_checkpoint(accelerator, run_dir: Path, state: TrainerState, keep_last: 
     accelerator.save_state(str(partial))
     accelerator.wait_for_everyone()
     if accelerator.is_main_process:
+        faults.kill_in_checkpoint(state.step)
         write_json_atomic(partial / STATE_FILE, asdict(state))
         _fsync_tree(partial)
         os.replace(partial, final)
         write_text_atomic(root / "latest", name + "\n")
         _prune(root, keep_last)
+        # Older best weights are no longer referenced by any checkpoint a resume could pick.
+        newest_best = max((int(d.name.rsplit("-", 1)[-1]) for d in root.glob("best-step-*")), default=None)
+        prune_best(run_dir, keep_steps={s for s in (newest_best, (state.best or {}).get("step")) if s is not None})
     accelerator.wait_for_everyone()
     return final
 

@@ -35,6 +35,21 @@ def output_dir_for(recipe) -> Path:
     return resolve_path(str(recipe.output_dir()))
 
 
+def check_writable(path: Path) -> None:
+    """Prove we can create the run directory without creating it: make (and remove) a scratch
+    directory in its nearest existing ancestor. Permission bits alone lie for root and for
+    read-only file systems."""
+    probe = path
+    while not probe.exists():
+        probe = probe.parent
+    if not probe.is_dir():
+        raise LauncherError(f"output.dir: cannot create {path}: {probe} is a file, not a directory; choose another output.dir")
+    try:
+        os.rmdir(tempfile.mkdtemp(prefix=".launcher-probe-", dir=probe))
+    except OSError as exc:
+        raise LauncherError(f"output.dir: cannot write to {probe} ({exc.strerror}); choose another output.dir") from None
+
+
 # Fields that may differ between an interrupted run and its resumption.
 RESUME_MAY_CHANGE = {
     "output.overwrite", "checkpoint.resume", "checkpoint.every_steps", "checkpoint.every_epoch",
@@ -73,11 +88,7 @@ def decide_start(recipe) -> StartDecision:
     path = output_dir_for(recipe)
     if path.exists() and not path.is_dir():
         raise LauncherError(f"output.dir: {path} exists and is not a directory; choose another output.dir")
-    probe = path
-    while not probe.exists():
-        probe = probe.parent
-    if not os.access(probe, os.W_OK | os.X_OK):
-        raise LauncherError(f"output.dir: cannot write to {probe} (permission denied); choose another output.dir")
+    check_writable(path)
 
     resume = recipe.checkpoint.resume
     if resume not in ("auto", "never"):

@@ -14,13 +14,13 @@ from __future__ import annotations
 
 import logging
 import math
-import os
 import signal
 import time
 from contextlib import nullcontext
 
 import torch
 
+from .. import faults
 from ..data import prepare_data
 from ..errors import DataError, StopRequested, TrainingError
 from ..model_io import load_tokenizer
@@ -28,7 +28,16 @@ from ..plan import is_deepspeed, total_optimizer_steps
 from ..recipe import Recipe, recipe_to_yaml
 from ..sampling import rank_micro_batches, steps_per_epoch
 from ..tasks import TASKS
-from .checkpoint import TrainerState, check_resumable, load_checkpoint, remove_partials, save_checkpoint
+from .checkpoint import (
+    TrainerState,
+    best_dir,
+    check_resumable,
+    latest_checkpoint,
+    load_checkpoint,
+    prune_best,
+    remove_partials,
+    save_checkpoint,
+)
 from .evaluate import predict, to_device
 from .log import RankLog, format_seconds
 from .outputs import decide_start, prepare_output_dir, write_json_atomic, write_jsonl_atomic, write_text_atomic
@@ -69,13 +78,6 @@ class StopFlag:
         if self.reason is None and self.stop_file.exists():
             self.reason = f"{self.stop_file.name} file"
         return self.reason is not None
-
-
-def _injected_fault(rank: int, step: int) -> None:
-    """LAUNCHER_FAULT=RANK:STEP makes that rank raise at that step (for fail-fast tests and drills)."""
-    spec = os.environ.get("LAUNCHER_FAULT")
-    if spec and spec == f"{rank}:{step}":
-        raise RuntimeError(f"injected fault (LAUNCHER_FAULT={spec})")
 
 
 class FineTuneRun:
@@ -162,6 +164,10 @@ class FineTuneRun:
         check_resumable(saved, self.topology.strategy, self.world_size, self.topology.batch.global_batch_size, directory)
         self.state = load_checkpoint(self.accelerator, directory)
         self.scheduler.load_state_dict(self.state.scheduler)
+        if self.accelerator.is_main_process:
+            # Best weights saved after this checkpoint belong to the lost attempt.
+            keep = {self.state.best["step"]} if self.state.best else set()
+            prune_best(self.out_dir, keep_steps=keep)
         self.state.world_size, self.state.strategy = self.world_size, self.topology.strategy
         self.log.info(f"resumed from {directory} at step {self.state.step} (epoch {self.state.epoch}, "
                       f"step {self.state.step_in_epoch} of it)")
@@ -262,7 +268,8 @@ class FineTuneRun:
 
     def _optimizer_step(self, micro_batches: list[list[int]]):
         accelerator, model, task, state = self.accelerator, self.model, self.task, self.state
-        _injected_fault(self.rank, state.step + 1)
+        faults.raise_at_step(self.rank, state.step + 1)
+        faults.step_delay()
         batches = [
             to_device(task.collate(self.train_features[indices], self.tokenizer), accelerator.device)
             for indices in micro_batches
@@ -342,6 +349,12 @@ class FineTuneRun:
         self.log.event({"event": "checkpoint", "step": self.state.step, "path": str(directory)})
         return directory
 
+    def _checkpointed_best_steps(self) -> set[int]:
+        """The best weights the newest checkpoint refers to: a resume from it will need them."""
+        latest = latest_checkpoint(self.out_dir)
+        best = TrainerState.read(latest).best if latest else None
+        return {best["step"]} if best else set()
+
     def _stop(self) -> None:
         reason = self.stop.reason or "another rank's request"
         self.log.info(f"stop requested ({reason}): all ranks stop at step {self.state.step}")
@@ -388,8 +401,10 @@ class FineTuneRun:
             if self.accelerator.is_main_process:
                 state.best = {"metric": evaluation.best_metric, "value": metrics[evaluation.best_metric],
                               "step": state.step, "metrics": _scalars(metrics)}
-            export_pretrained(self.accelerator, self.model, self.tokenizer, self.out_dir / "checkpoints" / "best")
             state.best = broadcast_object_list([state.best])[0] if self.world_size > 1 else state.best
+            export_pretrained(self.accelerator, self.model, self.tokenizer, best_dir(self.out_dir, state.step))
+            if self.accelerator.is_main_process:
+                prune_best(self.out_dir, keep_steps={state.step, *self._checkpointed_best_steps()})
             state.evals_without_improvement = 0
         else:
             state.evals_without_improvement += 1
@@ -406,7 +421,7 @@ class FineTuneRun:
         if state.best is not None and state.best["step"] != state.step:
             log.info(f"restoring the best weights (step {state.best['step']}, "
                      f"{state.best['metric']} {state.best['value']:.4f})")
-            restore_exported(accelerator, self.model, out / "checkpoints" / "best")
+            restore_exported(accelerator, self.model, best_dir(out, state.best["step"]))
         if accelerator.is_main_process:
             chosen = state.best["step"] if state.best else state.last_validation_step
             fallback = state.best["metrics"] if state.best else state.last_validation

@@ -14,6 +14,7 @@ from ..plan import (
     BatchPlan,
     check_accelerate_accumulation,
     check_accelerate_precision,
+    check_accelerate_zero3_export,
     deepspeed_config,
     is_deepspeed,
     resolve_batch,
@@ -41,6 +42,7 @@ def plan_topology(recipe: Recipe, env=None) -> Topology:
     batch = resolve_batch(recipe.training, launched_world_size(env))
     check_accelerate_accumulation(env, batch)
     check_accelerate_precision(env, recipe.training.precision)
+    check_accelerate_zero3_export(env, strategy)
     if recipe.training.precision == "fp16" and not torch.cuda.is_available():
         raise TopologyError("training.precision=fp16 needs a GPU; on CPU use fp32 (or bf16, which is slow on most CPUs)")
     if is_deepspeed(strategy) and recipe.training.on_nonfinite_loss == "skip":

@@ -19,7 +19,7 @@ from ..errors import EXIT_FAILURE, EXIT_OK, EXIT_STOPPED
 from .plan import LaunchPlan, describe, write_launch_files
 
 
-def print_plan(plan: LaunchPlan, console: Console | None = None) -> None:
+def print_plan(plan: LaunchPlan, console: Console | None = None, show_command: bool = True) -> None:
     console = console or Console(highlight=False, soft_wrap=True)
     table = Table(title="launch plan", show_header=False, title_justify="left")
     table.add_column(style="bold")
@@ -27,8 +27,9 @@ def print_plan(plan: LaunchPlan, console: Console | None = None) -> None:
     for label, value in describe(plan):
         table.add_row(label, value)
     console.print(table)
-    console.print("command:", style="bold")
-    console.print(plan.command(), markup=False)
+    if show_command:
+        console.print("command:", style="bold")
+        console.print(plan.command(), markup=False)
 
 
 def run_status(plan: LaunchPlan) -> dict:

@@ -22,6 +22,7 @@ from ..plan import (
     MemoryEstimate,
     check_accelerate_accumulation,
     check_accelerate_precision,
+    check_accelerate_zero3_export,
     deepspeed_config,
     format_bytes,
     is_deepspeed,
@@ -131,6 +132,8 @@ def _env_view(config: dict) -> dict[str, str]:
         env["ACCELERATE_USE_DEEPSPEED"] = "true"
         env["ACCELERATE_DEEPSPEED_ZERO_STAGE"] = str(ds.get("zero_stage", 2))
         env["ACCELERATE_DEEPSPEED_OFFLOAD_PARAM_DEVICE"] = str(ds.get("offload_param_device") or "none")
+        if ds.get("zero3_save_16bit_model") is not None:
+            env["ACCELERATE_DEEPSPEED_ZERO3_SAVE_16BIT_MODEL"] = str(ds["zero3_save_16bit_model"]).lower()
         if ds.get("deepspeed_config_file"):
             env["ACCELERATE_DEEPSPEED_CONFIG_FILE"] = str(ds["deepspeed_config_file"])
         if ds.get("gradient_accumulation_steps") not in (None, "", 1, "1"):
@@ -224,6 +227,7 @@ def build_plan(recipe_path: str | Path, overrides: list[str], request: LaunchReq
     batch = resolve_batch(recipe.training, world_size)
     check_accelerate_accumulation(env_view, batch)
     check_accelerate_precision(env_view, recipe.training.precision)
+    check_accelerate_zero3_export(env_view, strategy)
     if recipe.training.precision == "fp16" and device == "cpu":
         raise TopologyError("training.precision=fp16 needs a GPU; on CPU use fp32")
     if is_deepspeed(strategy) and recipe.training.on_nonfinite_loss == "skip":

@@ -125,8 +125,9 @@ def write_job(plan: LaunchPlan, request: SlurmRequest) -> Path:
     from .plan import write_launch_files
 
     plan.accelerate_config = slurm_accelerate_config(plan)
+    text = render(plan, request)  # before writing anything: a template error leaves no half-made job
     write_launch_files(plan, command=False)
     script = plan.run_dir / "job.sbatch"
-    write_text_atomic(script, render(plan, request))
+    write_text_atomic(script, text)
     os.chmod(script, 0o755)
     return script

@@ -30,7 +30,9 @@ def test_run_directory_holds_every_output(finished_run):
         assert (run_dir / name).exists(), name
     assert not list(run_dir.rglob(".*")), "no temporary files left behind"
     assert json.loads((run_dir / "status.json").read_text())["state"] == "finished"
-    assert (run_dir / "checkpoints" / "best" / "model.safetensors").exists()
+    metrics = json.loads((run_dir / "metrics.json").read_text())
+    best = run_dir / "checkpoints" / f"best-step-{metrics['best']['step']:08d}"
+    assert (best / "model.safetensors").exists()  # the best weights stay loadable on their own
     assert "model:" in result.stdout and "metrics:" in result.stdout
 
 

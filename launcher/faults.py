@@ -1,0 +1,34 @@
+"""Deliberate failures for drills and tests, switched on by LAUNCHER_FAULT (never set in normal use).
+
+    LAUNCHER_FAULT=RANK:STEP                 that rank raises RuntimeError at that optimizer step
+    LAUNCHER_FAULT=kill-in-checkpoint:STEP   rank 0 SIGKILLs itself while writing that step's
+                                             checkpoint (after the files, before the rename)
+    LAUNCHER_TEST_STEP_DELAY=SECONDS         sleep that long in every optimizer step (to interrupt a
+                                             tiny run at a step nobody chose)
+"""
+
+from __future__ import annotations
+
+import os
+import signal
+import time
+
+
+def _spec() -> str | None:
+    return os.environ.get("LAUNCHER_FAULT")
+
+
+def raise_at_step(rank: int, step: int) -> None:
+    if _spec() == f"{rank}:{step}":
+        raise RuntimeError(f"injected fault (LAUNCHER_FAULT={_spec()})")
+
+
+def kill_in_checkpoint(step: int) -> None:
+    if _spec() == f"kill-in-checkpoint:{step}":
+        os.kill(os.getpid(), signal.SIGKILL)
+
+
+def step_delay() -> None:
+    delay = os.environ.get("LAUNCHER_TEST_STEP_DELAY")
+    if delay:
+        time.sleep(float(delay))
