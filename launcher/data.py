@@ -47,15 +47,52 @@ def _quiet_datasets() -> None:
     datasets.logging.set_verbosity_error()
 
 
-def file_format(path: Path) -> tuple[str, dict]:
+def file_format(path: Path, key: str = "data") -> tuple[str, dict]:
     suffixes = [s.lower() for s in path.suffixes]
     if suffixes and suffixes[-1] in _COMPRESSIONS:
         suffixes = suffixes[:-1]
     if not suffixes or suffixes[-1] not in _FORMATS:
         raise DataError(
-            f"{path}: unknown file type; use .csv, .tsv, .json, .jsonl or .parquet (optionally .gz/.bz2/.xz/.zst)"
+            f"{key}: {path}: unknown file type; use .csv, .tsv, .json, .jsonl or .parquet (optionally .gz/.bz2/.xz/.zst)"
         )
     return _FORMATS[suffixes[-1]]
+
+
+# First bytes of files that are not text, whatever their name says.
+_MAGIC = {
+    b"\x1f\x8b": ("gzip-compressed", ".gz"),
+    b"BZh": ("bzip2-compressed", ".bz2"),
+    b"\xfd7zXZ\x00": ("xz-compressed", ".xz"),
+    b"\x28\xb5\x2f\xfd": ("zstd-compressed", ".zst"),
+    b"PK\x03\x04": ("a zip archive", None),
+    b"PAR1": ("a parquet file", ".parquet"),
+}
+
+
+def check_not_binary(path: Path, key: str) -> None:
+    """A text format must hold text: name compressed/binary files for what they are."""
+    with _open_maybe_compressed(path) as handle:
+        head = handle.read(4096)
+    for magic, (what, suffix) in _MAGIC.items():
+        if head.startswith(magic):
+            fix = f"name it with a {suffix} suffix" if suffix else "extract it first"
+            raise DataError(f"{key}: {path} is {what}, not {file_format(path, key)[0]} text; {fix}")
+    if b"\x00" in head:
+        raise DataError(f"{key}: {path} is binary (NUL bytes in its first 4 KiB), not {file_format(path, key)[0]} text")
+
+
+def first_bad_json_line(path: Path) -> str | None:
+    """For JSON Lines: the first line that does not parse, as 'line N: reason'."""
+    with _open_maybe_compressed(path) as handle:
+        for number, raw in enumerate(handle, start=1):
+            text = raw.decode("utf-8").strip()
+            if not text:
+                continue
+            try:
+                json.loads(text)
+            except json.JSONDecodeError as exc:
+                return f"line {number}: {exc.msg} (column {exc.colno})"
+    return None
 
 
 def _root_cause(exc: BaseException) -> BaseException:
@@ -110,8 +147,9 @@ def load_file(path: Path, key: str):
         raise DataError(f"{key}: {path} is a directory; name a data file")
     if path.stat().st_size == 0:
         raise DataError(f"{key}: {path} is empty (0 bytes)")
-    builder, options = file_format(path)
+    builder, options = file_format(path, key)
     if builder != "parquet":
+        check_not_binary(path, key)
         check_utf8(path, key)
     try:
         return datasets.load_dataset(builder, data_files={"data": str(path)}, split="data", **options)
@@ -125,6 +163,10 @@ def load_file(path: Path, key: str):
         message = str(cause).strip().splitlines()[0] if str(cause).strip() else type(cause).__name__
         if "corresponds to no data" in message:
             raise DataError(f"{key}: {path} has no data rows") from None
+        if builder == "json":
+            bad_line = first_bad_json_line(path)
+            if bad_line:
+                raise DataError(f"{key}: {path} is not valid JSON Lines: {bad_line}") from None
         raise DataError(f"{key}: {path} could not be read as {builder}: {message}") from None
 
 
@@ -186,6 +228,11 @@ def load_raw_splits(recipe: Recipe) -> tuple[dict, dict]:
             if value is None:
                 continue
             path = resolve_path(value, base)
+            if not path.exists() and not Path(value).expanduser().is_absolute() and base is not None:
+                raise DataError(
+                    f"data.{name}: file {value} not found (looked at {Path(value).resolve()} and, next to the "
+                    f"recipe, {(base / value).resolve()})"
+                )
             splits[name] = _add_row_numbers(load_file(path, f"data.{name}"))
             sources[name] = f"data.{name} ({path})"
     if len(splits.get("train", [])) == 0:
@@ -210,6 +257,12 @@ def check_columns(task, splits: dict, sources: dict) -> None:
                 present = [c for c in dataset.column_names if c != "_row"]
                 close = difflib.get_close_matches(column, present, n=1)
                 hint = f"; did you mean {close[0]!r}?" if close else ""
+                separators = {",": "comma", ";": "semicolon", "\t": "tab"}
+                if len(present) == 1:
+                    found = [name for sep, name in separators.items() if sep in present[0]]
+                    if found:
+                        hint = (f"; the file looks {found[0]}-separated (its one column is {present[0]!r}): "
+                                f"use .csv for comma-separated and .tsv for tab-separated files")
                 raise DataError(
                     f"{sources[name]}: {key}={column!r} is not a column{hint} (columns: {', '.join(present)})"
                 )

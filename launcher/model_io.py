@@ -42,8 +42,10 @@ def tokenizer_location(recipe: Recipe) -> str:
     looks_local = value.startswith((PKG_SCHEME, "/", "./", "../", "~")) or Path(value).exists()
     if looks_local:
         path = resolve_path(value, recipe_base_dir(recipe))
+        if not path.exists():
+            raise ModelError(f"model.tokenizer: {value} does not exist ({path.resolve()}); give a tokenizer directory or a Hub id")
         if not path.is_dir():
-            raise ModelError(f"model.tokenizer: {value} is not a directory ({path})")
+            raise ModelError(f"model.tokenizer: {value} is not a directory ({path.resolve()})")
         return str(path)
     return value
 

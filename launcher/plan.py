@@ -74,9 +74,19 @@ def strategy_from_accelerate_env(env: Mapping[str, str]) -> str | None:
     if env.get("ACCELERATE_USE_DEEPSPEED", "false").lower() != "true":
         return None
     stage = int(env.get("ACCELERATE_DEEPSPEED_ZERO_STAGE", "2") or 2)
-    if stage == 3 and env.get("ACCELERATE_DEEPSPEED_OFFLOAD_PARAM_DEVICE", "none") not in ("none", ""):
+    offload = {
+        kind: env.get(f"ACCELERATE_DEEPSPEED_OFFLOAD_{kind.upper()}_DEVICE", "none") or "none"
+        for kind in ("optimizer", "param")
+    }
+    if all(device == "none" for device in offload.values()):
+        return f"zero{stage}"
+    if stage == 3 and all(device == "cpu" for device in offload.values()):
         return "zero3_offload"
-    return f"zero{stage}"
+    raise TopologyError(
+        f"the accelerate config asks for ZeRO-{stage} with offload_optimizer_device={offload['optimizer']}, "
+        f"offload_param_device={offload['param']}; the launcher offers offload as zero3_offload (stage 3, optimizer "
+        f"and parameters on cpu): use accelerate_configs/deepspeed_zero3_offload.yaml or remove the offload settings"
+    )
 
 
 def resolve_strategy(recipe_strategy: str, env: Mapping[str, str] | None = None) -> str:
@@ -111,6 +121,15 @@ def check_accelerate_accumulation(env: Mapping[str, str], batch: BatchPlan) -> N
             f"the accelerate config sets gradient_accumulation_steps={value} but the recipe resolves to "
             f"{batch.grad_accum_steps} ({batch.describe()}); remove gradient_accumulation_steps from the "
             f"accelerate config: the recipe's training section is the one place batch sizes are set"
+        )
+
+
+def check_accelerate_clipping(env: Mapping[str, str], max_grad_norm: float) -> None:
+    value = env.get("ACCELERATE_GRADIENT_CLIPPING")
+    if value not in (None, "", "none", "None") and float(value) != float(max_grad_norm):
+        raise TopologyError(
+            f"the accelerate config sets gradient_clipping={value} but the recipe says training.max_grad_norm="
+            f"{max_grad_norm}; remove gradient_clipping from the accelerate config (the recipe decides)"
         )
 
 

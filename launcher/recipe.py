@@ -322,10 +322,17 @@ def _read_yaml(path: Path) -> dict:
     try:
         data = yaml.safe_load(text)
     except yaml.YAMLError as exc:
-        mark = getattr(exc, "problem_mark", None)
-        where = f" line {mark.line + 1}, column {mark.column + 1}" if mark else ""
+        # Point at where the broken construct starts (context_mark, e.g. an unclosed "["), not only
+        # where the parser gave up, which is often the next line.
+        start = getattr(exc, "context_mark", None) or getattr(exc, "problem_mark", None)
+        end = getattr(exc, "problem_mark", None)
+        where = f" line {start.line + 1}, column {start.column + 1}" if start else ""
         problem = getattr(exc, "problem", None) or str(exc).splitlines()[0]
-        raise RecipeError(f"{path}:{where}: invalid YAML: {problem}") from None
+        context = getattr(exc, "context", None)
+        detail = f"{context}: {problem}" if context else problem
+        if end is not None and start is not None and (end.line, end.column) != (start.line, start.column):
+            detail += f" (noticed at line {end.line + 1}, column {end.column + 1})"
+        raise RecipeError(f"{path}:{where}: invalid YAML: {detail}") from None
     if data is None:
         data = {}
     if not isinstance(data, dict):

@@ -47,7 +47,9 @@ def check_writable(path: Path) -> None:
     try:
         os.rmdir(tempfile.mkdtemp(prefix=".launcher-probe-", dir=probe))
     except OSError as exc:
-        raise LauncherError(f"output.dir: cannot write to {probe} ({exc.strerror}); choose another output.dir") from None
+        raise LauncherError(
+            f"output.dir: cannot create {path}: {probe} is not writable ({exc.strerror}); choose another output.dir"
+        ) from None
 
 
 # Fields that may differ between an interrupted run and its resumption.
@@ -93,6 +95,8 @@ def decide_start(recipe) -> StartDecision:
     resume = recipe.checkpoint.resume
     if resume not in ("auto", "never"):
         checkpoint = resolve_path(resume, recipe_base_dir(recipe))
+        if not checkpoint.exists():
+            raise LauncherError(f"checkpoint.resume: {checkpoint} does not exist; name a checkpoints/step-N directory, or use auto")
         if not is_complete(checkpoint):
             raise LauncherError(
                 f"checkpoint.resume: {checkpoint} is not a complete checkpoint (no trainer_state.json); "

@@ -13,6 +13,7 @@ from ..errors import TopologyError
 from ..plan import (
     BatchPlan,
     check_accelerate_accumulation,
+    check_accelerate_clipping,
     check_accelerate_precision,
     check_accelerate_zero3_export,
     deepspeed_config,
@@ -43,6 +44,7 @@ def plan_topology(recipe: Recipe, env=None) -> Topology:
     check_accelerate_accumulation(env, batch)
     check_accelerate_precision(env, recipe.training.precision)
     check_accelerate_zero3_export(env, strategy)
+    check_accelerate_clipping(env, recipe.training.max_grad_norm)
     if recipe.training.precision == "fp16" and not torch.cuda.is_available():
         raise TopologyError("training.precision=fp16 needs a GPU; on CPU use fp32 (or bf16, which is slow on most CPUs)")
     if is_deepspeed(strategy) and recipe.training.on_nonfinite_loss == "skip":
@@ -73,6 +75,10 @@ def build_accelerator(recipe: Recipe, topology: Topology):
                 f"distributed.strategy={topology.strategy} needs DeepSpeed, which cannot be imported ({exc}); "
                 f"pip install deepspeed, or use strategy ddp"
             ) from None
+    # The accelerate config's DeepSpeed fields (stage, offload, accumulation, clipping, precision) were
+    # read and checked against the recipe in plan_topology; the JSON we hand over already holds them.
+    # Accelerate would otherwise refuse a full DeepSpeed config next to those fields.
+    os.environ.pop("ACCELERATE_CONFIG_DS_FIELDS", None)
     plugin = DeepSpeedPlugin(hf_ds_config=topology.deepspeed_config) if topology.deepspeed_config else None
     precision = {"fp32": "no", "bf16": "bf16", "fp16": "fp16"}[recipe.training.precision]
     distributed = "LOCAL_RANK" in os.environ or launched_world_size() > 1

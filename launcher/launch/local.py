@@ -13,20 +13,17 @@ import subprocess
 import sys
 
 from rich.console import Console
-from rich.table import Table
 
 from ..errors import EXIT_FAILURE, EXIT_OK, EXIT_STOPPED
 from .plan import LaunchPlan, describe, write_launch_files
 
 
 def print_plan(plan: LaunchPlan, console: Console | None = None, show_command: bool = True) -> None:
+    # Plain aligned lines rather than a boxed table: plans end up in job logs, greps and tickets.
     console = console or Console(highlight=False, soft_wrap=True)
-    table = Table(title="launch plan", show_header=False, title_justify="left")
-    table.add_column(style="bold")
-    table.add_column()
+    console.print("launch plan", style="bold")
     for label, value in describe(plan):
-        table.add_row(label, value)
-    console.print(table)
+        console.print(f"  {label + ':':<19}{value}", markup=False)
     if show_command:
         console.print("command:", style="bold")
         console.print(plan.command(), markup=False)
@@ -43,7 +40,7 @@ def execute(plan: LaunchPlan, dry_run: bool = False) -> int:
     print_plan(plan)
     write_launch_files(plan)
     if dry_run:
-        print(f"dry run: nothing started; launch files in {plan.launch_dir} (run {plan.launch_dir / 'command.sh'} by hand)")
+        print(f"dry run: nothing started; launch files in {plan.launch_dir} (run {plan.launch_dir / f'command{plan.node_suffix}.sh'} by hand)")
         return EXIT_OK
     stop_file = plan.run_dir / "STOP"
 

@@ -21,6 +21,7 @@ from ..plan import (
     BatchPlan,
     MemoryEstimate,
     check_accelerate_accumulation,
+    check_accelerate_clipping,
     check_accelerate_precision,
     check_accelerate_zero3_export,
     deepspeed_config,
@@ -83,8 +84,13 @@ class LaunchPlan:
         return self.run_dir / "launch"
 
     @property
+    def node_suffix(self) -> str:
+        # Each node of a multi-node run writes its own files: the run directory is usually shared.
+        return f".node{self.node_rank}" if self.nodes > 1 and self.accelerate_config and "machine_rank" in self.accelerate_config else ""
+
+    @property
     def config_path(self) -> Path:
-        return self.user_config_file or self.launch_dir / "accelerate_config.yaml"
+        return self.user_config_file or self.launch_dir / f"accelerate_config{self.node_suffix}.yaml"
 
     def train_argv(self) -> list[str]:
         return ["-m", "launcher", "train", str(self.recipe_path), *self.overrides]
@@ -132,6 +138,9 @@ def _env_view(config: dict) -> dict[str, str]:
         env["ACCELERATE_USE_DEEPSPEED"] = "true"
         env["ACCELERATE_DEEPSPEED_ZERO_STAGE"] = str(ds.get("zero_stage", 2))
         env["ACCELERATE_DEEPSPEED_OFFLOAD_PARAM_DEVICE"] = str(ds.get("offload_param_device") or "none")
+        env["ACCELERATE_DEEPSPEED_OFFLOAD_OPTIMIZER_DEVICE"] = str(ds.get("offload_optimizer_device") or "none")
+        if ds.get("gradient_clipping") is not None:
+            env["ACCELERATE_GRADIENT_CLIPPING"] = str(ds["gradient_clipping"])
         if ds.get("zero3_save_16bit_model") is not None:
             env["ACCELERATE_DEEPSPEED_ZERO3_SAVE_16BIT_MODEL"] = str(ds["zero3_save_16bit_model"]).lower()
         if ds.get("deepspeed_config_file"):
@@ -228,6 +237,7 @@ def build_plan(recipe_path: str | Path, overrides: list[str], request: LaunchReq
     check_accelerate_accumulation(env_view, batch)
     check_accelerate_precision(env_view, recipe.training.precision)
     check_accelerate_zero3_export(env_view, strategy)
+    check_accelerate_clipping(env_view, recipe.training.max_grad_norm)
     if recipe.training.precision == "fp16" and device == "cpu":
         raise TopologyError("training.precision=fp16 needs a GPU; on CPU use fp32")
     if is_deepspeed(strategy) and recipe.training.on_nonfinite_loss == "skip":
@@ -307,5 +317,6 @@ def write_launch_files(plan: LaunchPlan, command: bool = True) -> None:
     if plan.deepspeed_config is not None:
         write_text_atomic(plan.launch_dir / "deepspeed_config.json", json.dumps(plan.deepspeed_config, indent=2) + "\n")
     if command:
-        write_text_atomic(plan.launch_dir / "command.sh", "#!/bin/sh\n" + plan.command() + "\n")
-        os.chmod(plan.launch_dir / "command.sh", 0o755)
+        command_file = plan.launch_dir / f"command{plan.node_suffix}.sh"
+        write_text_atomic(command_file, "#!/bin/sh\n" + plan.command() + "\n")
+        os.chmod(command_file, 0o755)
