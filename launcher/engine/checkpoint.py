@@ -144,7 +144,7 @@ def _prune(root: Path, keep_last: int) -> None:
 
 
 def load_checkpoint(accelerator, directory: Path) -> TrainerState:
-    accelerator.load_state(str(directory))
+    accelerator.load_state(str(directory), load_kwargs={"weights_only": True})
     return TrainerState.read(directory)
 
 

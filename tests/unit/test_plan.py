@@ -59,11 +59,19 @@ def test_contradicting_accumulation_is_rejected():
         ("zero2", {}, "zero2"),
         ("zero2", {"ACCELERATE_USE_DEEPSPEED": "true", "ACCELERATE_DEEPSPEED_ZERO_STAGE": "2"}, "zero2"),
         ("auto", {"ACCELERATE_USE_DEEPSPEED": "true", "ACCELERATE_DEEPSPEED_ZERO_STAGE": "3",
-                  "ACCELERATE_DEEPSPEED_OFFLOAD_PARAM_DEVICE": "cpu"}, "zero3_offload"),
+                  "ACCELERATE_DEEPSPEED_OFFLOAD_PARAM_DEVICE": "cpu",
+                  "ACCELERATE_DEEPSPEED_OFFLOAD_OPTIMIZER_DEVICE": "cpu"}, "zero3_offload"),
     ],
 )
 def test_strategy_resolution(recipe_strategy, env, expected):
     assert resolve_strategy(recipe_strategy, env) == expected
+
+
+def test_offload_the_launcher_does_not_offer_is_refused():
+    env = {"ACCELERATE_USE_DEEPSPEED": "true", "ACCELERATE_DEEPSPEED_ZERO_STAGE": "2",
+           "ACCELERATE_DEEPSPEED_OFFLOAD_OPTIMIZER_DEVICE": "cpu"}
+    with pytest.raises(TopologyError, match="ZeRO-2 with offload_optimizer_device=cpu"):
+        resolve_strategy("auto", env)
 
 
 def test_strategy_conflict_with_accelerate_config():
