@@ -19,7 +19,7 @@ from .errors import DataError
 from .paths import resolve_path
 from .recipe import Recipe, recipe_base_dir
 
-CACHE_VERSION = 1
+CACHE_VERSION = 2
 SPLITS = ("train", "validation", "test")
 _FORMATS = {
     ".csv": ("csv", {}),
@@ -279,16 +279,6 @@ def cache_root(recipe: Recipe) -> Path:
     return Path(os.environ.get("LAUNCHER_CACHE", default))
 
 
-def _cache_file(root: Path, task, split: str, raw, tokenizer) -> Path:
-    key = hashlib.sha256(
-        json.dumps(
-            {"version": CACHE_VERSION, "raw": raw._fingerprint, "task": task.fingerprint(tokenizer)},
-            sort_keys=True,
-        ).encode()
-    ).hexdigest()[:24]
-    return root / "features" / f"{task.name}-{split}-{key}.arrow"
-
-
 def load_validated_splits(recipe: Recipe, task) -> PreparedData:
     """Load and validate every split (no tokenization): enough to count steps for a plan."""
     splits, sources = load_raw_splits(recipe)
@@ -308,27 +298,87 @@ def load_validated_splits(recipe: Recipe, task) -> PreparedData:
     return prepared
 
 
+def preparation_key(recipe: Recipe, task, tokenizer) -> str | None:
+    """A key over everything that decides the prepared data, computed without reading the data:
+    the data section, the task, the tokenizer, and each local file's path, size and mtime. None for
+    Hub datasets (their content can change behind a name; `datasets` caches those itself)."""
+    from .tasks.base import tokenizer_fingerprint
+
+    if recipe.data.dataset is not None:
+        return None
+    files = {}
+    for split in SPLITS:
+        value = getattr(recipe.data, split)
+        if value is not None:
+            path = resolve_path(value, recipe_base_dir(recipe)).resolve()
+            if not path.is_file():
+                return None  # the normal path reports what is wrong with it
+            stat = path.stat()
+            files[split] = [str(path), stat.st_size, stat.st_mtime_ns]
+    inputs = {"version": CACHE_VERSION, "task": recipe.task, "data": recipe.data.model_dump(mode="json", exclude={"cache_dir"}),
+              "tokenizer": tokenizer_fingerprint(tokenizer), "files": files}
+    return hashlib.sha256(json.dumps(inputs, sort_keys=True).encode()).hexdigest()[:24]
+
+
+def _load_prepared(directory: Path, task) -> PreparedData:
+    import datasets
+
+    meta = json.loads((directory / "meta.json").read_text())
+    task.restore_fitted(meta["task"])
+    prepared = PreparedData(sources=meta["sources"], dropped=meta["dropped"])
+    for name in meta["splits"]:
+        prepared.raw[name] = datasets.load_from_disk(str(directory / f"raw-{name}"))
+        prepared.features[name] = datasets.load_from_disk(str(directory / f"features-{name}"))
+        prepared.cached[name] = True
+    return prepared
+
+
+def _save_prepared(prepared: PreparedData, task, directory: Path) -> None:
+    import shutil
+    import tempfile
+
+    directory.parent.mkdir(parents=True, exist_ok=True)
+    staging = Path(tempfile.mkdtemp(prefix=f".{directory.name}.", dir=directory.parent))
+    try:
+        for name in prepared.raw:
+            prepared.raw[name].save_to_disk(str(staging / f"raw-{name}"))
+            prepared.features[name].save_to_disk(str(staging / f"features-{name}"))
+        meta = {"splits": list(prepared.raw), "sources": prepared.sources, "dropped": prepared.dropped,
+                "task": task.fitted_state()}
+        (staging / "meta.json").write_text(json.dumps(meta))  # written last: marks the entry complete
+        os.replace(staging, directory)
+    except OSError:
+        if not (directory / "meta.json").exists():  # another process won the race: theirs is as good
+            raise
+    finally:
+        shutil.rmtree(staging, ignore_errors=True)
+
+
 def prepare_data(recipe: Recipe, task, tokenizer, main_process_first=None) -> PreparedData:
-    """Load, validate, tokenize (main process first; the others read its cache)."""
-    prepared = load_validated_splits(recipe, task)
+    """Load, validate and tokenize every split - or, when nothing that decides them has changed,
+    read the result of an earlier run from the cache. The main process of each node goes first;
+    the others then read what it wrote."""
     root = cache_root(recipe)
     try:
-        (root / "features").mkdir(parents=True, exist_ok=True)
+        (root / "prepared").mkdir(parents=True, exist_ok=True)
     except OSError as exc:
         raise DataError(f"data.cache_dir: cannot create {root} ({exc.strerror}); set data.cache_dir or $LAUNCHER_CACHE") from None
-    encode = task.encoder(tokenizer)
+    key = preparation_key(recipe, task, tokenizer)
+    entry = root / "prepared" / f"{task.name}-{key}" if key else None
     with main_process_first() if main_process_first else nullcontext():
+        if entry is not None and (entry / "meta.json").exists():
+            return _load_prepared(entry, task)
+        prepared = load_validated_splits(recipe, task)
+        encode = task.encoder(tokenizer)
         for name, dataset in prepared.raw.items():
-            cache_file = _cache_file(root, task, name, dataset, tokenizer)
-            prepared.cached[name] = cache_file.exists()
+            prepared.cached[name] = False
             prepared.features[name] = dataset.map(
-                encode,
-                batched=True,
-                with_indices=True,
-                remove_columns=dataset.column_names,
-                cache_file_name=str(cache_file),
-                load_from_cache_file=True,
-                new_fingerprint=cache_file.stem.rsplit("-", 1)[-1],
-                desc=f"tokenizing {name}",
+                encode, batched=True, with_indices=True, remove_columns=dataset.column_names,
+                keep_in_memory=True, desc=f"tokenizing {name}",
             )
-    return prepared
+        if entry is not None:
+            _save_prepared(prepared, task, entry)
+            reloaded = _load_prepared(entry, task)  # memory-mapped, like every later run
+            reloaded.cached = {name: False for name in reloaded.raw}
+            return reloaded
+        return prepared

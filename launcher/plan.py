@@ -205,16 +205,18 @@ class MemoryEstimate:
 
 
 def memory_estimate(num_parameters: int, strategy: str, precision: str, world_size: int) -> MemoryEstimate:
-    """Model-state bytes per rank: weights, gradients, AdamW state (m, v, and fp32 master weights
-    when DeepSpeed trains in 16 bits). DDP keeps everything on every rank; ZeRO-1 shards the
-    optimizer state, ZeRO-2 also the gradients, ZeRO-3 also the weights; offload moves the
-    optimizer state and weights to host memory."""
+    """Model-state bytes per rank: weights, gradients, and the optimizer's share - AdamW's m and v,
+    plus the fp32 master copy of the weights that DeepSpeed's ZeRO optimizer keeps (in 16-bit
+    training, and in fp32 too: its partition is a separate flat copy). DDP and ZeRO-0 keep
+    everything on every rank; ZeRO-1 shards the optimizer state, ZeRO-2 also the gradients, ZeRO-3
+    also the weights; offload moves the optimizer state and the weights to host memory."""
     n = num_parameters
+    stage = DEEPSPEED_STAGES.get(strategy, 0)
     sixteen_bit_weights = precision in ("bf16", "fp16") and is_deepspeed(strategy)
     weight_bytes = 2 if sixteen_bit_weights else 4
     params, grads = weight_bytes * n, weight_bytes * n
-    optimizer = (12 if sixteen_bit_weights else 8) * n  # (fp32 master +) m + v
-    stage = DEEPSPEED_STAGES.get(strategy, 0)
+    master_copy = 4 if (stage >= 1 or sixteen_bit_weights) else 0
+    optimizer = (8 + master_copy) * n
     if stage >= 1:
         optimizer /= world_size
     if stage >= 2:

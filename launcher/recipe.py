@@ -126,7 +126,22 @@ class TrainingSection(_Section):
         "fp32", description="fp32, or bf16/fp16 mixed precision. fp16 needs a GPU; on CPU use fp32 (bf16 is very slow there)."
     )
     seed: int = Field(42, description="Seed for model head init, dropout and data order.")
-    log_every: int = Field(10, gt=0, description="Log loss/lr/throughput every N optimizer steps.")
+    log_every: int = Field(
+        10, gt=0,
+        description="Log loss/lr/throughput every N optimizer steps. The loss is read from the device only "
+        "then (and before validation/checkpoints), so a small value costs a host-device sync per step.",
+    )
+    group_by_length: bool = Field(
+        False,
+        description="Batch examples of similar length together (mega-batches of 50 global batches sorted by "
+        "length, then shuffled): much less padding, order still random and seeded, exact resume kept.",
+    )
+    pad_to_multiple_of: int | None = Field(
+        None, gt=0,
+        description="Pad each batch's length up to a multiple of this (default: 8 on GPU for tensor cores, "
+        "1 on CPU where padding only costs time).",
+    )
+    compile: bool = Field(False, description="torch.compile the model (DDP only; first steps are slow while it compiles).")
     on_nonfinite_loss: Literal["error", "skip"] = Field(
         "error",
         description="A NaN/inf loss: stop with an error naming the step, or skip that update and count it "

@@ -29,12 +29,38 @@ def steps_per_epoch(num_examples: int, batch: BatchPlan) -> int:
     return num_examples // batch.global_batch_size
 
 
+LENGTH_GROUP_SIZE = 50  # global batches per mega-batch when grouping by length
+
+
+def epoch_order(num_examples: int, batch: BatchPlan, seed: int, epoch: int, lengths=None) -> np.ndarray:
+    """The examples of one epoch in training order, a whole number of global batches long.
+
+    With ``lengths`` (group by length): the shuffled order is cut into mega-batches of
+    LENGTH_GROUP_SIZE global batches, each sorted by length (longest first) and cut into global
+    batches, and the global batches are shuffled again. Each step then holds examples of similar
+    length (little padding) while the epoch order stays random, seeded, and - as without grouping -
+    a function of (seed, epoch) only, independent of how a global batch is split over ranks.
+    """
+    order = epoch_permutation(num_examples, seed, epoch)[: steps_per_epoch(num_examples, batch) * batch.global_batch_size]
+    if lengths is None:
+        return order
+    lengths = np.asarray(lengths)
+    mega = batch.global_batch_size * LENGTH_GROUP_SIZE
+    grouped = np.concatenate([
+        chunk[np.argsort(-lengths[chunk], kind="stable")]
+        for chunk in (order[start:start + mega] for start in range(0, len(order), mega))
+    ]) if len(order) else order
+    batches = grouped.reshape(-1, batch.global_batch_size)
+    shuffle = np.random.default_rng([seed, epoch, 1]).permutation(len(batches))
+    return batches[shuffle].reshape(-1)
+
+
 def rank_micro_batches(
-    num_examples: int, batch: BatchPlan, rank: int, seed: int, epoch: int, start_step: int = 0
+    num_examples: int, batch: BatchPlan, rank: int, seed: int, epoch: int, start_step: int = 0, lengths=None
 ):
     """Yield, for each optimizer step of ``epoch`` from ``start_step``, this rank's micro-batches
     (a list of ``grad_accum_steps`` lists of example indices)."""
-    order = epoch_permutation(num_examples, seed, epoch)
+    order = epoch_order(num_examples, batch, seed, epoch, lengths)
     per_rank = batch.micro_batch_size * batch.grad_accum_steps
     for step in range(start_step, steps_per_epoch(num_examples, batch)):
         global_slice = order[step * batch.global_batch_size:(step + 1) * batch.global_batch_size]

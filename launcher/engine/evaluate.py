@@ -30,8 +30,7 @@ def predict(model, features, task, tokenizer, accelerator, batch_size: int) -> l
     local: list[dict] = []
     for chunk in batches(eval_shard(len(features), accelerator.num_processes, accelerator.process_index), batch_size):
         batch = to_device(task.collate(features[chunk], tokenizer), accelerator.device)
-        outputs = model(**task.model_inputs(batch))
-        local.extend(task.records(outputs, batch))
+        local.extend(task.predict_batch(model, batch, accelerator))
     if was_training:
         model.train()
     gathered = gather_object(local) if accelerator.num_processes > 1 else local

@@ -100,6 +100,8 @@ class FineTuneRun:
 
         set_seed(recipe.training.seed)
         self.task = task = TASKS[recipe.task](recipe)
+        # Multiples of 8 feed GPU tensor cores; on a CPU padding is only extra work.
+        task.pad_to_multiple_of = recipe.training.pad_to_multiple_of or (8 if accelerator.device.type == "cuda" else 1)
         self.start = decide_start(recipe)
         self.out_dir = self.start.run_dir
         self.tokenizer = load_tokenizer(recipe)
@@ -221,28 +223,25 @@ class FineTuneRun:
         checkpointing = recipe.checkpoint
         state = self.state
         has_validation = "validation" in self.data.features
+        lengths = self._train_lengths() if training.group_by_length else None
         self.model.train()
-        start = window_start = time.perf_counter()
+        self.window = _LossWindow()
+        start = time.perf_counter()
         steps_at_start = state.step
-        window_loss, window_targets, window_steps = 0.0, 0.0, 0
         while state.step < self.total_steps and not self._early_stopped():
             batches = rank_micro_batches(len(self.train_features), self.topology.batch, self.rank,
-                                         training.seed, state.epoch, start_step=state.step_in_epoch)
+                                         training.seed, state.epoch, start_step=state.step_in_epoch, lengths=lengths)
             for micro_batches in batches:
-                outcome = self._optimizer_step(micro_batches)
-                if outcome is None:  # all ranks agreed to stop before this step
+                if not self._optimizer_step(micro_batches):  # all ranks agreed to stop before this step
+                    self._flush_losses()
                     self._stop()
                 state.step += 1
                 state.step_in_epoch += 1
-                loss_sum, targets, grad_norm = outcome
-                window_loss += loss_sum
-                window_targets += targets
-                window_steps += 1
+                if state.step == steps_at_start + 1:
+                    self._first_step_done(time.perf_counter() - start)
                 if state.step % training.log_every == 0 or state.step == self.total_steps:
-                    now = time.perf_counter()
-                    self._log_train(window_loss, window_targets, window_steps, grad_norm, now - window_start,
-                                    now - start, state.step - steps_at_start)
-                    window_loss, window_targets, window_steps, window_start = 0.0, 0.0, 0, time.perf_counter()
+                    self._flush_losses()
+                    self._log_train(time.perf_counter() - start, state.step - steps_at_start)
                 if has_validation and evaluation.every_steps and state.step % evaluation.every_steps == 0:
                     self.validate()
                 if checkpointing.every_steps and state.step % checkpointing.every_steps == 0:
@@ -262,27 +261,40 @@ class FineTuneRun:
             self.validate()
         self.train_seconds = time.perf_counter() - start
 
+    def _train_lengths(self):
+        import pyarrow.compute as pc
+
+        return pc.list_value_length(self.train_features.data.column("input_ids")).to_numpy()
+
     def _early_stopped(self) -> bool:
         patience = self.recipe.evaluation.early_stopping_patience
         return bool(patience) and self.state.evals_without_improvement >= patience
 
-    def _optimizer_step(self, micro_batches: list[list[int]]):
+    def _optimizer_step(self, micro_batches: list[list[int]]) -> bool:
+        """One optimizer step over this rank's micro-batches. False: all ranks agreed to stop instead.
+
+        No host-device synchronization here (unless on_nonfinite_loss=skip): the target count and
+        the stop vote travel on a CPU (gloo) all-reduce, the loss stays on the device until the
+        next log/validation/checkpoint."""
         accelerator, model, task, state = self.accelerator, self.model, self.task, self.state
         faults.raise_at_step(self.rank, state.step + 1)
         faults.step_delay()
-        batches = [
-            to_device(task.collate(self.train_features[indices], self.tokenizer), accelerator.device)
-            for indices in micro_batches
-        ]
-        local_targets = float(sum(task.count_targets(batch) for batch in batches))
-        # One all-reduce carries both the step's target count and any rank's stop request.
-        step_targets, stop_votes = self._sum_over_ranks([local_targets, float(self.stop.requested())])
+        host_batches = [task.collate(self.train_features[indices], self.tokenizer) for indices in micro_batches]
+        local_targets = float(sum(task.count_targets(batch) for batch in host_batches))
+        tokens = [float(batch["attention_mask"].sum()) if "attention_mask" in batch else 0.0 for batch in host_batches]
+        padded = [float(batch["input_ids"].numel()) for batch in host_batches]
+        # One host all-reduce carries the step's target count, any rank's stop request and the
+        # token counts (real and padded) that throughput is measured in.
+        step_targets, stop_votes, step_tokens, step_padded = self._sum_over_ranks_on_host(
+            [local_targets, float(self.stop.requested()), sum(tokens), sum(padded)]
+        )
         if stop_votes > 0:
-            return None
+            return False
         scale = self.world_size / step_targets
-        local_loss = torch.zeros((), dtype=torch.float64)
-        for index, batch in enumerate(batches):
-            last = index == len(batches) - 1
+        step_loss = None
+        for index, host_batch in enumerate(host_batches):
+            batch = to_device(host_batch, accelerator.device)
+            last = index == len(host_batches) - 1
             # Only the last micro-batch synchronizes gradients across ranks.
             sync = nullcontext() if (last or self.deepspeed) else accelerator.no_sync(model)
             with sync:
@@ -294,18 +306,14 @@ class FineTuneRun:
                     model.backward(loss_sum * scale, scale_wrt_gas=False)
                 else:
                     accelerator.backward(loss_sum * scale)
-            local_loss += loss_sum.detach().to("cpu", torch.float64)
-        (step_loss,) = self._sum_over_ranks([float(local_loss)])
-        if not math.isfinite(step_loss):
-            if self.recipe.training.on_nonfinite_loss == "error" or self.deepspeed:
-                raise TrainingError(
-                    f"non-finite loss ({step_loss}) at optimizer step {state.step + 1} (epoch {state.epoch}); "
-                    f"lower training.learning_rate, check the data, or set training.on_nonfinite_loss=skip"
-                )
-            self.optimizer.zero_grad(set_to_none=True)
-            self.skipped_steps += 1
-            self.log.event({"event": "skipped_step", "step": state.step + 1, "loss": step_loss})
-            return 0.0, 0.0, float("nan")
+            step_loss = loss_sum.detach().float() if step_loss is None else step_loss + loss_sum.detach().float()
+        if self.recipe.training.on_nonfinite_loss == "skip":
+            (total,) = self._sum_over_ranks([float(step_loss)])  # the one per-step sync skip mode needs
+            if not math.isfinite(total):
+                self.optimizer.zero_grad(set_to_none=True)
+                self.skipped_steps += 1
+                self.log.event({"event": "skipped_step", "step": state.step + 1, "loss": total})
+                return True
         if self.deepspeed:
             # ZeRO-0 does not report the norm it clips with; gradients are already averaged here.
             grad_norm = _grad_norm(model.parameters()) if self.topology.strategy == "zero0" else None
@@ -317,21 +325,81 @@ class FineTuneRun:
             self.optimizer.step()
             self.optimizer.zero_grad(set_to_none=True)
         self.scheduler.step()
-        return step_loss, step_targets, grad_norm
+        self.window.add(state.step + 1, step_loss, step_targets, grad_norm, self.scheduler.get_last_lr()[0],
+                        step_tokens, step_padded)
+        return True
 
-    def _sum_over_ranks(self, values: list[float]) -> list[float]:
+    def _control_group(self):
+        """A CPU (gloo) process group for host-side scalars, so they never touch the GPU stream."""
+        if not hasattr(self, "_gloo_group"):
+            import torch.distributed as dist
+
+            self._gloo_group = None if self.topology.backend == "gloo" else dist.new_group(backend="gloo")
+        return self._gloo_group
+
+    def _sum_over_ranks_on_host(self, values: list[float]) -> list[float]:
         if self.world_size == 1:
             return values
-        tensor = torch.tensor(values, dtype=torch.float64, device=self.accelerator.device)
-        return self.accelerator.reduce(tensor, reduction="sum").tolist()
+        import torch.distributed as dist
 
-    def _log_train(self, window_loss, window_targets, window_steps, grad_norm, window_seconds, elapsed, steps_done) -> None:
+        tensor = torch.tensor(values, dtype=torch.float64)
+        dist.all_reduce(tensor, group=self._control_group())
+        return tensor.tolist()
+
+    def _sum_over_ranks(self, values) -> list[float]:
+        """Sum device values over ranks and bring them to the host (a sync: used sparingly)."""
+        tensor = torch.as_tensor(values, dtype=torch.float64, device=self.accelerator.device)
+        if self.world_size > 1:
+            tensor = self.accelerator.reduce(tensor, reduction="sum")
+        return tensor.tolist()
+
+    def _flush_losses(self) -> None:
+        """Bring the losses of the steps since the last flush to the host, summed over ranks, and
+        stop at the first non-finite one (naming its step)."""
+        steps, losses = self.window.pending()
+        if not steps:
+            return
+        totals = self._sum_over_ranks(torch.stack(losses).double())
+        for step, total in zip(steps, totals):
+            if not math.isfinite(total):
+                raise TrainingError(
+                    f"non-finite loss ({total}) at optimizer step {step} (epoch {self.state.epoch}); "
+                    f"lower training.learning_rate, check the data, or set training.on_nonfinite_loss=skip"
+                )
+        self.window.settle(totals)
+
+    def _first_step_done(self, seconds_in_loop: float) -> None:
+        from .. import timing
+
+        since_start = timing.since_process_start()
+        self.log.event({"event": "first_step", "step": self.state.step, "seconds_in_loop": round(seconds_in_loop, 3),
+                        "seconds_since_start": round(since_start, 3), "import_seconds": round(timing.import_seconds(), 3),
+                        **self._memory_report()})
+
+    def _memory_report(self) -> dict:
+        """Bytes of model state this rank holds (what the plan's estimate predicts)."""
+        def nbytes(tensors) -> int:
+            return int(sum(t.numel() * t.element_size() for t in tensors if torch.is_tensor(t)))
+
+        model = self.accelerator.unwrap_model(self.model)
+        optimizer = self.optimizer
+        while hasattr(optimizer, "optimizer"):  # accelerate / DeepSpeed wrappers around the torch AdamW
+            optimizer = optimizer.optimizer
+        state_tensors = [v for per_param in optimizer.state.values() for v in per_param.values()]
+        # Under ZeRO-1/2/3 the torch optimizer steps DeepSpeed's flat fp32 partitions: a master copy
+        # of this rank's share of the weights, held besides the model's own parameters.
+        stepped = [p for group in optimizer.param_groups for p in group["params"]]
+        master = nbytes(stepped) if self.deepspeed and self.topology.strategy != "zero0" else 0
+        return {"rank_parameter_bytes": nbytes(p.data for p in model.parameters()),
+                "rank_optimizer_state_bytes": nbytes(state_tensors) + master,
+                "rank_adam_moment_bytes": nbytes(state_tensors), "rank_master_weight_bytes": master}
+
+    def _log_train(self, elapsed: float, steps_done: int) -> None:
         step = self.state.step
-        loss = window_loss / window_targets if window_targets else float("nan")
-        samples = window_steps * self.topology.batch.global_batch_size
-        rate = samples / window_seconds if window_seconds > 0 else float("nan")
+        loss, targets, samples_steps, grad_norm, lr, seconds, tokens, padded_tokens = self.window.take()
+        loss = loss / targets if targets else float("nan")
+        rate = samples_steps * self.topology.batch.global_batch_size / seconds if seconds > 0 else float("nan")
         eta = (self.total_steps - step) * (elapsed / max(steps_done, 1))
-        lr = self.scheduler.get_last_lr()[0]
         grad_norm = float(grad_norm) if grad_norm is not None else float("nan")
         epoch = step / self.steps_per_epoch
         self.log.info(
@@ -339,10 +407,13 @@ class FineTuneRun:
             f"grad_norm {grad_norm:.3f} | {rate:.1f} samples/s | eta {format_seconds(eta)}"
         )
         self.log.event({"event": "train", "step": step, "epoch": round(epoch, 4), "loss": loss, "lr": lr,
-                        "grad_norm": grad_norm, "samples_per_second": rate, "elapsed_s": round(elapsed, 3)})
+                        "grad_norm": grad_norm, "samples_per_second": rate, "elapsed_s": round(elapsed, 3),
+                        "window_s": round(seconds, 4), "samples": samples_steps * self.topology.batch.global_batch_size,
+                        "tokens": int(tokens), "padded_tokens": int(padded_tokens)})
 
     # ------------------------------------------------------------------------------------
     def checkpoint(self):
+        self._flush_losses()  # never checkpoint weights that a non-finite loss already spoiled
         self.state.scheduler = self.scheduler.state_dict()
         directory = save_checkpoint(self.accelerator, self.out_dir, self.state, self.recipe.checkpoint.keep_last)
         self.log.info(f"checkpoint: {directory}")
@@ -378,6 +449,7 @@ class FineTuneRun:
         from accelerate.utils import broadcast_object_list
 
         state, evaluation = self.state, self.recipe.evaluation
+        self._flush_losses()
         metrics, _ = self.evaluate("validation")
         state.last_validation_step = state.step
         improved = [False]
@@ -445,7 +517,10 @@ class FineTuneRun:
                                 "world_size": self.world_size, "strategy": self.topology.strategy,
                                 **self.topology.batch.as_dict()}
             write_json_atomic(out / "metrics.json", results)
-            log.event({"event": "end", "step": state.step})
+            import resource
+
+            log.event({"event": "end", "step": state.step,
+                       "peak_rss_bytes": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024})
             if self.recipe.output.export_model:
                 log.info(f"model: {out / 'model'}")
             log.info(f"metrics: {out / 'metrics.json'}")
@@ -461,6 +536,45 @@ class FineTuneRun:
 
             if dist.is_available() and dist.is_initialized():
                 dist.destroy_process_group()
+
+
+class _LossWindow:
+    """Per-step device losses waiting to be read, and host sums since the last log line."""
+
+    def __init__(self):
+        self._steps, self._losses = [], []
+        self._settled_loss = self._targets = 0.0
+        self._settled_steps = 0
+        self._unsettled_targets: list[float] = []
+        self.grad_norm, self.lr = None, 0.0
+        self.tokens = self.padded_tokens = 0.0
+        self._started = time.perf_counter()
+
+    def add(self, step, loss, targets, grad_norm, lr, tokens=0.0, padded_tokens=0.0) -> None:
+        self.tokens += tokens
+        self.padded_tokens += padded_tokens
+        self._steps.append(step)
+        self._losses.append(loss)
+        self._unsettled_targets.append(targets)
+        self.grad_norm, self.lr = grad_norm, lr
+
+    def pending(self):
+        return self._steps, self._losses
+
+    def settle(self, totals: list[float]) -> None:
+        self._settled_loss += sum(totals)
+        self._targets += sum(self._unsettled_targets)
+        self._settled_steps += len(totals)
+        self._steps, self._losses, self._unsettled_targets = [], [], []
+
+    def take(self):
+        seconds = time.perf_counter() - self._started
+        values = (self._settled_loss, self._targets, self._settled_steps, self.grad_norm, self.lr, seconds,
+                  self.tokens, self.padded_tokens)
+        self._settled_loss = self._targets = self.tokens = self.padded_tokens = 0.0
+        self._settled_steps = 0
+        self._started = time.perf_counter()
+        return values
 
 
 def _grad_norm(parameters) -> torch.Tensor:

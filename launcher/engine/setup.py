@@ -47,6 +47,8 @@ def plan_topology(recipe: Recipe, env=None) -> Topology:
     check_accelerate_clipping(env, recipe.training.max_grad_norm)
     if recipe.training.precision == "fp16" and not torch.cuda.is_available():
         raise TopologyError("training.precision=fp16 needs a GPU; on CPU use fp32 (or bf16, which is slow on most CPUs)")
+    if is_deepspeed(strategy) and recipe.training.compile:
+        raise TopologyError(f"training.compile works with DDP only, not under DeepSpeed ({strategy}); set training.compile=false")
     if is_deepspeed(strategy) and recipe.training.on_nonfinite_loss == "skip":
         raise TopologyError(
             f"training.on_nonfinite_loss=skip works with DDP only; under DeepSpeed ({strategy}) the gradients are "
@@ -100,6 +102,7 @@ def build_accelerator(recipe: Recipe, topology: Topology):
         # only used for DDP; DeepSpeed on a CPU host runs with cpu=False and an explicit gloo backend.
         cpu=not torch.cuda.is_available() and plugin is None,
         kwargs_handlers=handlers,
+        dynamo_backend="inductor" if recipe.training.compile else "no",
     )
     check_topology(accelerator)
     return accelerator

@@ -30,6 +30,7 @@ class Task:
 
     def __init__(self, recipe: Recipe):
         self.recipe = recipe
+        self.pad_to_multiple_of = 1  # set by the engine (training.pad_to_multiple_of / device)
 
     # ---- data ---------------------------------------------------------------------------
     def required_columns(self, split: str) -> dict[str, str]:
@@ -38,6 +39,13 @@ class Task:
 
     def fit(self, train) -> None:
         """Learn whatever the task needs from the training split (e.g. the label set)."""
+
+    def fitted_state(self) -> dict:
+        """What ``fit`` learned, as JSON (stored with cached data so a later run can skip fitting)."""
+        return {}
+
+    def restore_fitted(self, state: dict) -> None:
+        """Undo ``fitted_state``."""
 
     def clean_split(self, split: str, dataset, source: str):
         """Validate one split's rows (raise DataError naming the row) and return it, possibly filtered.
@@ -48,13 +56,6 @@ class Task:
         """A batched ``datasets.map`` function ``(rows, indices) -> features``. Each feature row
         carries ``example_id``: the index of its raw row in the split."""
         raise NotImplementedError
-
-    def fingerprint(self, tokenizer) -> str:
-        """What, besides the raw data, determines the features (for the tokenization cache)."""
-        return _hash({"task": self.name, "tokenizer": tokenizer_fingerprint(tokenizer), **self._feature_settings()})
-
-    def _feature_settings(self) -> dict:
-        return {}
 
     # ---- model --------------------------------------------------------------------------
     def build_model(self, tokenizer):
@@ -99,6 +100,12 @@ class Task:
         return lines
 
     # ---- evaluation ---------------------------------------------------------------------
+    def predict_batch(self, model, batch: Batch, accelerator) -> list[Record]:
+        """Per-example records for one evaluation batch. The default is one forward pass; tasks that
+        generate override it (and must keep ZeRO-3 ranks in step: every rank calls this the same
+        number of times, and generation must be synced)."""
+        return self.records(model(**self.model_inputs(batch)), batch)
+
     def records(self, outputs, batch: Batch) -> list[Record]:
         raise NotImplementedError
 
@@ -107,6 +114,18 @@ class Task:
 
     def prediction_rows(self, records: list[Record], raw_split) -> list[dict]:
         raise NotImplementedError
+
+
+def pad_columns(rows: dict[str, list], pad_values: dict[str, int], multiple: int = 1) -> dict[str, torch.Tensor]:
+    """Dynamic padding: every listed column to the longest sequence in the batch, rounded up to
+    ``multiple``. Columns absent from ``rows`` are skipped."""
+    present = [key for key in pad_values if key in rows]
+    width = max(len(seq) for seq in rows[present[0]])
+    width = -(-width // multiple) * multiple
+    return {
+        key: torch.tensor([seq + [pad_values[key]] * (width - len(seq)) for seq in rows[key]], dtype=torch.long)
+        for key in present
+    }
 
 
 def _hash(obj) -> str:

@@ -14,7 +14,7 @@ import torch.nn.functional as F
 from ..errors import DataError
 from ..metrics import CLASSIFICATION_KEYS, compute_classification_metrics
 from ..model_io import load_model_error
-from .base import Batch, Record, Task, load_pretrained_config
+from .base import Batch, Record, Task, load_pretrained_config, pad_columns
 
 
 def _label_key(value) -> str:
@@ -100,15 +100,12 @@ class SequenceClassificationTask(Task):
             dataset = dataset.select(keep)
         return dataset, dropped
 
-    def _feature_settings(self) -> dict:
-        data = self.recipe.data
-        return {
-            "text": data.text_column,
-            "pair": data.text_pair_column,
-            "label": data.label_column,
-            "labels": self.label_names,
-            "max_length": data.max_length,
-        }
+    def fitted_state(self) -> dict:
+        return {"label_names": self.label_names}
+
+    def restore_fitted(self, state: dict) -> None:
+        self.label_names = list(state["label_names"])
+        self.label_to_id = {name: i for i, name in enumerate(self.label_names)}
 
     def encoder(self, tokenizer):
         data = self.recipe.data
@@ -150,15 +147,8 @@ class SequenceClassificationTask(Task):
 
     # ---- batches ------------------------------------------------------------------------
     def collate(self, rows: dict[str, list], tokenizer) -> Batch:
-        lengths = [len(ids) for ids in rows["input_ids"]]
-        width = max(lengths)
-        pad_id = tokenizer.pad_token_id
-        batch: Batch = {}
-        for key, pad_value in (("input_ids", pad_id), ("attention_mask", 0), ("token_type_ids", 0)):
-            if key not in rows:
-                continue
-            padded = [seq + [pad_value] * (width - len(seq)) for seq in rows[key]]
-            batch[key] = torch.tensor(padded, dtype=torch.long)
+        pads = {"input_ids": tokenizer.pad_token_id, "attention_mask": 0, "token_type_ids": 0}
+        batch: Batch = pad_columns(rows, pads, self.pad_to_multiple_of)
         batch["labels"] = torch.tensor(rows["labels"], dtype=torch.long)
         batch["example_id"] = torch.tensor(rows["example_id"], dtype=torch.long)
         return batch

@@ -26,7 +26,9 @@ def invariance_recipe(assets, out_dir, **training):
         assets, out_dir,
         model={"config_overrides": NO_DROPOUT},
         training={"max_steps": STEPS, "learning_rate": 3e-3, "log_every": 1, "global_batch_size": 8,
-                  "warmup_steps": 2, "weight_decay": 0.01, "max_grad_norm": 0.5, **training},
+                  "warmup_steps": 2, "weight_decay": 0.01, "max_grad_norm": 0.5,
+                  # grouping is the harder case for split invariance: it must regroup whole global batches
+                  "group_by_length": True, **training},
         evaluation={"every_epoch": False, "micro_batch_size": 4},
     )
 

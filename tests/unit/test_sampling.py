@@ -54,3 +54,32 @@ def test_eval_shards_are_equal_length_and_cover_everything(num_examples, world):
     assert len({len(s) for s in shards}) == 1  # same number of forward passes on every rank (ZeRO-3)
     assert set(itertools.chain.from_iterable(shards)) == set(range(num_examples))
     assert sum(len(s) for s in shards) - num_examples < world  # padding is less than one per rank
+
+
+def test_grouping_by_length_cuts_padding_keeps_steps_split_independent_and_seeded():
+    import numpy as np
+
+    from launcher.sampling import epoch_order
+
+    rng = np.random.default_rng(0)
+    lengths = rng.integers(4, 120, size=1000)
+    plan = BatchPlan(4, 2, 2, 16)
+    grouped = epoch_order(1000, plan, seed=3, epoch=0, lengths=lengths)
+    plain = epoch_order(1000, plan, seed=3, epoch=0)
+
+    def padded_tokens(order, micro):
+        batches = order.reshape(-1, micro)
+        return int(sum(lengths[b].max() * len(b) for b in batches))
+
+    assert padded_tokens(grouped, 4) < 0.7 * padded_tokens(plain, 4)
+    # the same examples are used (only the order changes) and the order is seeded
+    assert sorted(grouped.tolist()) == sorted(plain.tolist())
+    assert np.array_equal(grouped, epoch_order(1000, plan, seed=3, epoch=0, lengths=lengths))
+    assert not np.array_equal(grouped, epoch_order(1000, plan, seed=3, epoch=1, lengths=lengths))
+    # the set of examples in each step does not depend on micro x accumulation x ranks
+    for micro, accum, world in [(16, 1, 1), (8, 2, 1), (2, 4, 2), (1, 1, 16)]:
+        other = BatchPlan(micro, accum, world, 16)
+        per_rank = [list(rank_micro_batches(1000, other, r, 3, 0, lengths=lengths)) for r in range(world)]
+        for step, expected in enumerate(grouped.reshape(-1, 16)):
+            got = sorted(i for r in range(world) for mb in per_rank[r][step] for i in mb)
+            assert got == sorted(expected.tolist())
