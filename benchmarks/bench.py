@@ -119,8 +119,9 @@ def run_launcher(steps: int, nproc: int, out: Path, extra=()) -> dict:
     }
 
 
-def run_script(script: str, steps: int, out: Path) -> dict:
-    result = subprocess.run([PYTHON, str(HERE / script), str(RECIPE), str(steps), str(out)],
+def run_script(script: str, steps: int, out: Path, seed: int | None = None) -> dict:
+    extra = [str(seed)] if seed is not None else []
+    result = subprocess.run([PYTHON, str(HERE / script), str(RECIPE), str(steps), str(out), *extra],
                             env=env(2), cwd=REPO, capture_output=True, text=True)
     if result.returncode:
         raise RuntimeError(f"{script} failed:\n{result.stderr[-3000:]}")
@@ -153,6 +154,17 @@ def summarize(runs: list[dict], mean_length: float, shape, ceiling: float) -> di
     }
 
 
+def accuracy_parity(work: Path, steps: int, seeds: int) -> dict:
+    """Dev accuracy of the launcher and of Trainer after the same longer run, over several seeds:
+    early in training one seed's data order moves accuracy by several points, so one short run
+    cannot show parity. (Timings here do not matter: accuracy does not depend on load.)"""
+    out = {"steps": steps, "seeds": list(range(1, seeds + 1)), "launcher": [], "trainer": []}
+    for seed in out["seeds"]:
+        out["launcher"].append(run_launcher(steps, 1, work / f"acc-launcher-{seed}", extra=(f"training.seed={seed}",))["dev_accuracy"])
+        out["trainer"].append(run_script("hf_trainer.py", steps, work / f"acc-trainer-{seed}.json", seed)["dev_accuracy"])
+    return out
+
+
 def memory_check(work: Path) -> list[dict]:
     """Per-rank optimizer state on 2 gloo ranks, measured after the first step, vs the plan."""
     from launcher.plan import memory_estimate
@@ -179,11 +191,13 @@ def memory_check(work: Path) -> list[dict]:
 
 
 def cache_check(work: Path) -> dict:
-    """Preprocessing time of a first run (tokenize) and a second run (read the cache)."""
+    """Preprocessing time of a first run (tokenize) and a second run (read the cache), each in a
+    fresh process, library imports excluded (as for time-to-first-step)."""
     timings = {}
     for attempt in ("first", "second"):
         code = ("import time, sys; from launcher.recipe import load_recipe; from launcher.tasks import TASKS; "
                 "from launcher.data import prepare_data; from launcher.model_io import load_tokenizer; "
+                "import datasets.arrow_dataset, datasets.load, pyarrow.compute; "
                 f"r = load_recipe({str(RECIPE)!r}); t = TASKS[r.task](r); tok = load_tokenizer(r); "
                 "s = time.perf_counter(); prepare_data(r, t, tok); print(time.perf_counter() - s)")
         result = subprocess.run([PYTHON, "-c", code], env=dict(env(2), LAUNCHER_CACHE=str(work / "cache")),
@@ -197,7 +211,9 @@ def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--steps", type=int, default=60, help="optimizer steps per run (default 60)")
     parser.add_argument("--repeats", type=int, default=3, help="runs per way; medians are reported (default 3)")
-    parser.add_argument("--quick", action="store_true", help="smoke test: 4 steps, 1 repeat, no memory check")
+    parser.add_argument("--quick", action="store_true", help="smoke test: 4 steps, 1 repeat, no memory/accuracy checks")
+    parser.add_argument("--accuracy-steps", type=int, default=400, help="steps of the accuracy-parity runs (default 400; 0 skips)")
+    parser.add_argument("--accuracy-seeds", type=int, default=3, help="seeds of the accuracy-parity runs (default 3)")
     parser.add_argument("--json", type=Path, default=HERE / "results.json")
     args = parser.parse_args()
     steps, repeats = (4, 1) if args.quick else (args.steps, args.repeats)
@@ -223,6 +239,8 @@ def main() -> int:
                "ways": table, "two_ranks": scaling, "cache": cache_check(work)}
     if not args.quick:
         results["memory"] = memory_check(work)
+        if args.accuracy_steps:
+            results["accuracy"] = accuracy_parity(work, args.accuracy_steps, args.accuracy_seeds)
 
     print(f"\nmatmul ceiling (fp32, 2 threads, 1024^3): {ceiling / 1e9:.1f} GFLOP/s; "
           f"mean real length {mean_length:.1f} tokens; {steps} steps x micro-batch 16, {repeats} repeat(s), medians\n")
@@ -249,6 +267,13 @@ def main() -> int:
                   f"({mib(row['measured_adam_moment_bytes'])}, {mib(row['measured_master_weight_bytes'])}) | "
                   f"{row['optimizer_vs_ddp']:.2f} | {row['adam_moments_vs_ddp']:.2f} | "
                   f"{mib(row['estimated_parameter_bytes'])} | {mib(row['measured_parameter_bytes'])} |")
+    if "accuracy" in results:
+        acc = results["accuracy"]
+        mean = {k: statistics.mean(acc[k]) for k in ("launcher", "trainer")}
+        spread = {k: statistics.pstdev(acc[k]) for k in ("launcher", "trainer")}
+        print(f"\ndev accuracy after {acc['steps']} steps, seeds {acc['seeds']}: launcher {mean['launcher']:.4f} "
+              f"(sd {spread['launcher']:.4f}; {acc['launcher']}), Trainer {mean['trainer']:.4f} (sd {spread['trainer']:.4f}; "
+              f"{acc['trainer']}); difference {mean['launcher'] - mean['trainer']:+.4f} (target within 0.01)")
     args.json.write_text(json.dumps(results, indent=2, default=str) + "\n")
     print(f"\nraw numbers: {args.json}")
     return 0

@@ -1,6 +1,6 @@
 """The same fine-tune with transformers' Trainer, configured as a user would (DataCollatorWithPadding).
 
-Run by bench.py: python benchmarks/hf_trainer.py RECIPE STEPS OUT_JSON. Uses the launcher only to
+Run by bench.py: python benchmarks/hf_trainer.py RECIPE STEPS OUT_JSON [SEED]. Uses the launcher only to
 load the identical train/dev split; tokenization, batching and training are Trainer's own.
 """
 
@@ -30,13 +30,13 @@ from transformers import (  # noqa: E402
 import_seconds = time.perf_counter() - _imports
 
 
-def main(recipe_path: str, steps: int, out_json: str) -> None:
+def main(recipe_path: str, steps: int, out_json: str, seed: int | None = None) -> None:
     from launcher.data import load_validated_splits
     from launcher.model_io import model_location
     from launcher.recipe import load_recipe
     from launcher.tasks import TASKS
 
-    recipe = load_recipe(recipe_path)
+    recipe = load_recipe(recipe_path, [f"training.seed={seed}"] if seed is not None else [])
     task = TASKS[recipe.task](recipe)
     splits = load_validated_splits(recipe, task).raw
     location = model_location(recipe)
@@ -89,4 +89,4 @@ def main(recipe_path: str, steps: int, out_json: str) -> None:
 
 
 if __name__ == "__main__":
-    main(sys.argv[1], int(sys.argv[2]), sys.argv[3])
+    main(sys.argv[1], int(sys.argv[2]), sys.argv[3], int(sys.argv[4]) if len(sys.argv) > 4 else None)

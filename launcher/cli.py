@@ -67,6 +67,15 @@ def build_parser() -> argparse.ArgumentParser:
     slurm.add_argument("--strategy", choices=[s for s in STRATEGIES if s != "auto"], help="override distributed.strategy")
     slurm.add_argument("--submit", action="store_true", help="submit with sbatch after rendering")
 
+    evaluate = sub.add_parser(
+        "eval",
+        help="evaluate without training: an exported checkpoint, the recipe's model, or a prompted LM (recipe prompt:)",
+    )
+    _add_recipe_args(evaluate)
+    evaluate.add_argument("--checkpoint", type=Path, help="a model directory exported by the launcher (any fine-tuning method)")
+    evaluate.add_argument("--split", default="test", choices=["train", "validation", "test"], help="which split (default test)")
+    evaluate.add_argument("--output", type=Path, help="where to write <split>.json and predictions (default <output.dir>/eval)")
+
     check = sub.add_parser("check", help="validate a recipe and print it fully resolved")
     _add_recipe_args(check)
 
@@ -131,6 +140,16 @@ def cmd_slurm(args) -> int:
     return EXIT_OK
 
 
+def cmd_eval(args) -> int:
+    from .timing import import_heavy_libraries
+
+    import_heavy_libraries()
+    from .engine.eval import run_evaluation
+
+    run_evaluation(args.recipe, args.overrides, args.split, args.checkpoint, args.output)
+    return EXIT_OK
+
+
 def cmd_check(args) -> int:
     from .recipe import load_recipe, recipe_to_yaml
 
@@ -146,7 +165,7 @@ def cmd_schema(args) -> int:
     return EXIT_OK
 
 
-COMMANDS = {"train": cmd_train, "run": cmd_run, "debug": cmd_debug, "slurm": cmd_slurm, "check": cmd_check,
+COMMANDS = {"train": cmd_train, "eval": cmd_eval, "run": cmd_run, "debug": cmd_debug, "slurm": cmd_slurm, "check": cmd_check,
             "schema": cmd_schema}
 
 

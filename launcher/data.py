@@ -315,8 +315,8 @@ def preparation_key(recipe: Recipe, task, tokenizer) -> str | None:
                 return None  # the normal path reports what is wrong with it
             stat = path.stat()
             files[split] = [str(path), stat.st_size, stat.st_mtime_ns]
-    inputs = {"version": CACHE_VERSION, "task": recipe.task, "data": recipe.data.model_dump(mode="json", exclude={"cache_dir"}),
-              "tokenizer": tokenizer_fingerprint(tokenizer), "files": files}
+    inputs = {"version": CACHE_VERSION, "task": task.name, "data": recipe.data.model_dump(mode="json", exclude={"cache_dir"}),
+              "task_inputs": task.cache_inputs(), "tokenizer": tokenizer_fingerprint(tokenizer), "files": files}
     return hashlib.sha256(json.dumps(inputs, sort_keys=True).encode()).hexdigest()[:24]
 
 

@@ -206,8 +206,8 @@ class MemoryEstimate:
 
 def memory_estimate(num_parameters: int, strategy: str, precision: str, world_size: int) -> MemoryEstimate:
     """Model-state bytes per rank: weights, gradients, and the optimizer's share - AdamW's m and v,
-    plus the fp32 master copy of the weights that DeepSpeed's ZeRO optimizer keeps (in 16-bit
-    training, and in fp32 too: its partition is a separate flat copy). DDP and ZeRO-0 keep
+    plus the fp32 master copy of the weights that DeepSpeed keeps in 16-bit training (and, under
+    ZeRO-1/2, in fp32 too: its partition is a separate flat copy). DDP and ZeRO-0 keep
     everything on every rank; ZeRO-1 shards the optimizer state, ZeRO-2 also the gradients, ZeRO-3
     also the weights; offload moves the optimizer state and the weights to host memory."""
     n = num_parameters
@@ -215,7 +215,9 @@ def memory_estimate(num_parameters: int, strategy: str, precision: str, world_si
     sixteen_bit_weights = precision in ("bf16", "fp16") and is_deepspeed(strategy)
     weight_bytes = 2 if sixteen_bit_weights else 4
     params, grads = weight_bytes * n, weight_bytes * n
-    master_copy = 4 if (stage >= 1 or sixteen_bit_weights) else 0
+    # ZeRO-1/2 step a flat fp32 copy of this rank's partition even in fp32 training; ZeRO-3 in fp32
+    # steps its partitioned weights in place (DeepSpeed: "we don't need another copy").
+    master_copy = 4 if (stage in (1, 2) or sixteen_bit_weights) else 0
     optimizer = (8 + master_copy) * n
     if stage >= 1:
         optimizer /= world_size

@@ -186,6 +186,55 @@ class DistributedSection(_Section):
     )
 
 
+METHODS = ("full", "lora", "prompt_tuning", "prefix_tuning", "ia3", "adapter", "bitfit")
+
+
+class FinetuneSection(_Section):
+    method: Literal[METHODS] = Field(
+        "full",
+        description="full (every weight), or parameter-efficient: lora, prompt_tuning, prefix_tuning, ia3 "
+        "(via peft), adapter (bottleneck adapters after each transformer block), bitfit (biases + task head).",
+    )
+    lora_r: int = Field(8, gt=0, description="LoRA rank.")
+    lora_alpha: float = Field(16, gt=0, description="LoRA scaling numerator (scale = alpha / r).")
+    lora_dropout: float = Field(0.0, ge=0, lt=1, description="Dropout on the LoRA input.")
+    target_modules: list[str] | None = Field(
+        None, description="Module names LoRA/IA3 adapt (default: peft's choice for the architecture)."
+    )
+    num_virtual_tokens: int = Field(20, gt=0, description="Prompt/prefix tuning: learned virtual tokens.")
+    adapter_size: int = Field(64, gt=0, description="Bottleneck adapter hidden size.")
+    merge_on_export: bool = Field(
+        False,
+        description="Also export the base model with the adapter merged in (<dir>/model-merged; lora and ia3 only).",
+    )
+
+    @model_validator(mode="after")
+    def _mergeable(self) -> "FinetuneSection":
+        if self.merge_on_export and self.method not in ("lora", "ia3"):
+            raise ValueError(
+                f"merge_on_export works for lora and ia3; {self.method} adds computation that cannot be folded "
+                f"into the base weights"
+            )
+        return self
+
+
+class PromptSection(_Section):
+    template: str = Field(
+        description="The prompt for one example, with {text} (and {text_pair}) placeholders; for a masked LM it "
+        "must contain {mask} where the label word goes. E.g. 'Review: {text}\\nSentiment:'."
+    )
+    verbalizer: dict[str, str] = Field(
+        description="Label -> the word the model should produce for it (each must be one token), e.g. "
+        "{positive: ' good', negative: ' bad'}. Every label in the data needs one."
+    )
+    shots: int = Field(0, ge=0, description="k demonstrations from the training split prepended to each prompt (0 = zero-shot).")
+    shot_seed: int = Field(42, description="Seed for drawing the demonstrations (the same for every example and rank).")
+    separator: str = Field("\n\n", description="Between demonstrations and the prompt.")
+
+
+# ---- task-specific sections (one class per task that needs settings; add new ones above this line) ----
+
+
 class CheckpointSection(_Section):
     every_steps: int | None = Field(None, gt=0, description="Write a checkpoint every N optimizer steps.")
     every_epoch: bool = Field(False, description="Write a checkpoint at the end of each epoch.")
@@ -208,11 +257,16 @@ class Recipe(_Section):
     name: str = Field(description="Run name; used in the default output directory.")
     task: str = Field("sequence_classification", description="Task module to run (see launcher/tasks).")
     model: ModelSection
+    finetune: FinetuneSection = Field(default_factory=FinetuneSection)
     data: DataSection
     training: TrainingSection = Field(default_factory=TrainingSection)
     evaluation: EvaluationSection = Field(default_factory=EvaluationSection)
     distributed: DistributedSection = Field(default_factory=DistributedSection)
     checkpoint: CheckpointSection = Field(default_factory=CheckpointSection)
+    # task-specific sections: add new fields above this line (default None or a default_factory)
+    prompt: PromptSection | None = Field(
+        None, description="Prompt-based evaluation (`launcher eval`): score a causal or masked LM zero-/k-shot."
+    )
     output: OutputSection = Field(default_factory=OutputSection)
 
     _source: Path | None = PrivateAttr(None)  # the recipe file, for paths relative to it

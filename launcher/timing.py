@@ -29,3 +29,16 @@ def import_seconds() -> float:
 
 def since_process_start() -> float:
     return time.perf_counter() - _start
+
+
+class counted_as_import:
+    """Context manager: time spent inside counts as library import time (e.g. the lazy import of a
+    model architecture's module that transformers performs on first use)."""
+
+    def __enter__(self):
+        self._began = time.perf_counter()
+
+    def __exit__(self, *exc):
+        global _import_seconds
+        _import_seconds += time.perf_counter() - self._began
+        return False

@@ -71,10 +71,39 @@ def write_tiny_bert(directory: Path, seed: int = 0, dropout: float = 0.1) -> Pat
     return directory
 
 
+def write_tiny_causal_lm(directory: Path, seed: int = 0) -> Path:
+    """A 2-layer GPT-2-style causal LM over the same toy vocabulary, with pad/eos tokens and a chat
+    template (for prompt-based evaluation and dialogue tests)."""
+    import torch
+    from tokenizers import Tokenizer, models, pre_tokenizers
+    from transformers import GPT2Config, GPT2LMHeadModel, PreTrainedTokenizerFast
+
+    directory.mkdir(parents=True, exist_ok=True)
+    words = ["<pad>", "<eos>", "<unk>", "<user>", "<assistant>", "Review:", "Sentiment:", "\n"]
+    vocab = {word: i for i, word in enumerate(words + POSITIVE + NEGATIVE + NEUTRAL + ["positive", "negative"])}
+    backend = Tokenizer(models.WordLevel(vocab=vocab, unk_token="<unk>"))
+    backend.pre_tokenizer = pre_tokenizers.WhitespaceSplit()
+    tokenizer = PreTrainedTokenizerFast(
+        tokenizer_object=backend, unk_token="<unk>", pad_token="<pad>", eos_token="<eos>", model_max_length=128,
+        model_input_names=["input_ids", "attention_mask"],
+    )
+    tokenizer.chat_template = (
+        "{% for message in messages %}{{ '<' + message['role'] + '> ' + message['content'] + ' <eos> ' }}{% endfor %}"
+        "{% if add_generation_prompt %}{{ '<assistant> ' }}{% endif %}"
+    )
+    tokenizer.save_pretrained(directory)
+    config = GPT2Config(vocab_size=len(vocab), n_positions=128, n_embd=32, n_layer=2, n_head=2,
+                        bos_token_id=vocab["<eos>"], eos_token_id=vocab["<eos>"], pad_token_id=vocab["<pad>"])
+    torch.manual_seed(seed)
+    GPT2LMHeadModel(config).save_pretrained(directory, safe_serialization=True)
+    return directory
+
+
 def write_all(root: Path) -> dict:
     root.mkdir(parents=True, exist_ok=True)
     paths = {
         "model": str(write_tiny_bert(root / "tiny-bert")),
+        "causal_lm": str(write_tiny_causal_lm(root / "tiny-gpt2")),
         "train": str(write_toy_csv(root / "train.csv", 400, seed=1)),
         "validation": str(write_toy_csv(root / "validation.csv", 37, seed=2)),
         "test": str(write_toy_csv(root / "test.csv", 53, seed=3)),

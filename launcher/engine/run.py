@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import logging
 import math
+import os
 import signal
 import time
 from contextlib import nullcontext
@@ -116,7 +117,9 @@ class FineTuneRun:
             )
         training = recipe.training
         self.total_steps = total_optimizer_steps(training, self.steps_per_epoch)
-        self.model = task.build_model(self.tokenizer)
+        from ..finetune import apply_method
+
+        self.model = apply_method(task.build_model(self.tokenizer), recipe, task)
 
         # Everything the user could have got wrong has been checked; now the run directory is written.
         self.stop_file = self.out_dir / "STOP"
@@ -204,11 +207,13 @@ class FineTuneRun:
             f"steps: {self.total_steps} ({self.steps_per_epoch} per epoch, {tail} examples per epoch fall off "
             f"the last incomplete global batch), warmup {warmup}"
         )
-        log.info(f"parameters: {trainable:,} trainable of {total:,} ({100 * trainable / max(total, 1):.1f}%)")
+        log.info(f"parameters: {trainable:,} trainable of {total:,} ({100 * trainable / max(total, 1):.2f}%; "
+                 f"finetune.method {self.recipe.finetune.method})")
         if self.start.resume_from is None:
             log.event({"event": "start", "world_size": self.world_size, "strategy": self.topology.strategy,
                        **batch.as_dict(), "total_steps": self.total_steps, "steps_per_epoch": self.steps_per_epoch,
                        "trainable_parameters": trainable, "parameters": total,
+                       "trainable_share": trainable / max(total, 1), "finetune_method": self.recipe.finetune.method,
                        "examples": {k: len(v) for k, v in data.features.items()}, "dropped": data.dropped})
         self._write_status("running")
 
@@ -390,7 +395,8 @@ class FineTuneRun:
         # of this rank's share of the weights, held besides the model's own parameters.
         stepped = [p for group in optimizer.param_groups for p in group["params"]]
         master = nbytes(stepped) if self.deepspeed and self.topology.strategy != "zero0" else 0
-        return {"rank_parameter_bytes": nbytes(p.data for p in model.parameters()),
+        # Under ZeRO-3 a parameter's data is a placeholder; this rank's share is its ds_tensor.
+        return {"rank_parameter_bytes": nbytes(getattr(p, "ds_tensor", p.data) for p in model.parameters()),
                 "rank_optimizer_state_bytes": nbytes(state_tensors) + master,
                 "rank_adam_moment_bytes": nbytes(state_tensors), "rank_master_weight_bytes": master}
 
@@ -474,7 +480,8 @@ class FineTuneRun:
                 state.best = {"metric": evaluation.best_metric, "value": metrics[evaluation.best_metric],
                               "step": state.step, "metrics": _scalars(metrics)}
             state.best = broadcast_object_list([state.best])[0] if self.world_size > 1 else state.best
-            export_pretrained(self.accelerator, self.model, self.tokenizer, best_dir(self.out_dir, state.step))
+            export_pretrained(self.accelerator, self.model, self.tokenizer, best_dir(self.out_dir, state.step),
+                              self.recipe, self.task)
             if self.accelerator.is_main_process:
                 prune_best(self.out_dir, keep_steps={state.step, *self._checkpointed_best_steps()})
             state.evals_without_improvement = 0
@@ -510,7 +517,14 @@ class FineTuneRun:
                     rows = self.task.prediction_rows(records, self.data.raw["test"])
                     write_jsonl_atomic(out / "predictions" / "test.jsonl", rows)
         if self.recipe.output.export_model:
-            export_pretrained(accelerator, self.model, self.tokenizer, out / "model")
+            export_pretrained(accelerator, self.model, self.tokenizer, out / "model", self.recipe, self.task)
+            if self.recipe.finetune.merge_on_export and accelerator.is_main_process:
+                from ..finetune import export_merged
+                from .outputs import replace_dir_atomic
+
+                staging = out / f".model-merged.partial-{os.getpid()}"
+                export_merged(out / "model", staging)
+                replace_dir_atomic(staging, out / "model-merged")
         if accelerator.is_main_process:
             results["train"] = {"steps": state.step, "epochs": round(state.step / self.steps_per_epoch, 4),
                                 "runtime_s": round(self.train_seconds, 2), "skipped_steps": self.skipped_steps,

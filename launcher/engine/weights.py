@@ -24,43 +24,57 @@ def is_zero3(model) -> bool:
 
 
 def restore_state_dict(accelerator, model, state: dict | None) -> None:
-    """Load weights from ``full_state_dict`` back into the live model (collective under ZeRO-3)."""
+    """Load (possibly partial) weights, keyed like the live module, into the model; a collective
+    under ZeRO-3."""
     module = accelerator.unwrap_model(model)
     if is_zero3(model):
         import deepspeed
 
-        # Partitioned parameters: gather each, let rank 0 (which holds the snapshot) write it, and
-        # DeepSpeed re-partitions the new values to every rank on exit.
+        # Partitioned parameters: every rank gathers each one (a collective, so all ranks walk the
+        # same list), rank 0 - which holds the weights - writes it, and DeepSpeed re-partitions the
+        # new values to every rank on exit.
         for name, param in module.named_parameters():
             with deepspeed.zero.GatheredParameters([param], modifier_rank=0):
-                if accelerator.is_main_process:
+                if accelerator.is_main_process and name in state:
                     param.data.copy_(state[name].to(param.device, param.dtype))
         return
     missing, unexpected = module.load_state_dict(state, strict=False)
-    if unexpected or [k for k in missing if not k.endswith("position_ids")]:
-        raise RuntimeError(f"restoring weights: missing {missing}, unexpected {unexpected}")
+    if unexpected:
+        raise RuntimeError(f"restoring weights: unexpected keys {unexpected[:5]}")
+
+
+RESTORE_FILE = "trainable.safetensors"  # live-named trainable weights, for methods whose export renames them
 
 
 def restore_exported(accelerator, model, directory: Path) -> None:
     """Load weights written by ``export_pretrained`` back into the live model (collective under ZeRO-3)."""
     from safetensors.torch import load_file
 
-    needs_file = accelerator.is_main_process or not is_zero3(model)
-    state = load_file(str(directory / "model.safetensors")) if needs_file else None
+    from ..finetune import read_weights
+
+    state = None
+    if accelerator.is_main_process or not is_zero3(model):
+        restore = directory / RESTORE_FILE
+        state = load_file(str(restore)) if restore.exists() else read_weights(directory)
     restore_state_dict(accelerator, model, state)
 
 
-def export_pretrained(accelerator, model, tokenizer, target: Path, state: dict | None = None) -> None:
-    """save_pretrained (safetensors) + tokenizer into ``target``, atomically; all ranks call this."""
+def export_pretrained(accelerator, model, tokenizer, target: Path, recipe, task, state: dict | None = None) -> None:
+    """Export the model (safetensors) + tokenizer into ``target`` the way recipe.finetune.method needs,
+    atomically; all ranks call this (gathering ZeRO-3 shards is a collective)."""
+    from safetensors.torch import save_file
+
+    from ..finetune import is_peft, save_weights, trainable_state
+
     if state is None:
         state = full_state_dict(accelerator, model)
     if accelerator.is_main_process:
         staging = target.with_name(f".{target.name}.partial-{os.getpid()}")
         module = accelerator.unwrap_model(model)
-        # save_original_format=False: write the names the model has in memory. transformers 5 would
-        # otherwise "revert" load-time renamings, and under ZeRO-3 it records the legacy
-        # LayerNorm.weight -> gamma renaming, exporting keys no plain BERT has.
-        module.save_pretrained(staging, state_dict=state, safe_serialization=True, save_original_format=False)
+        save_weights(module, staging, state, recipe, task)
+        if is_peft(module):
+            trainable = trainable_state(module, state)
+            save_file({k: v.contiguous() for k, v in trainable.items()}, str(staging / RESTORE_FILE))
         tokenizer.save_pretrained(staging)
         replace_dir_atomic(staging, target)
     accelerator.wait_for_everyone()

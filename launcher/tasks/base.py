@@ -9,6 +9,7 @@ Adding a task = one module implementing this + a recipe + tests; the engine does
 from __future__ import annotations
 
 import hashlib
+import importlib
 import json
 from typing import Any, ClassVar
 
@@ -23,7 +24,10 @@ Record = dict[str, Any]  # one example's evaluation result; must hold "id" (its 
 
 class Task:
     name: ClassVar[str]
+    registered: ClassVar[bool] = False  # True on the concrete task classes recipes may name
     auto_model_class: ClassVar[str]  # the transformers Auto class that builds this task's model
+    peft_task_type: ClassVar[str]  # peft.TaskType name for peft-based fine-tuning methods
+    head_modules: ClassVar[tuple[str, ...]] = ()  # module names of the task head (trained by PEFT methods too)
     # metric name (evaluation.metrics entry) -> the scalar keys it produces (for best_metric)
     metric_keys: ClassVar[dict[str, list[str]]]
     pipeline_task: ClassVar[str | None] = None
@@ -39,6 +43,10 @@ class Task:
 
     def fit(self, train) -> None:
         """Learn whatever the task needs from the training split (e.g. the label set)."""
+
+    def cache_inputs(self) -> dict:
+        """Recipe settings besides data.* that shape the features (part of the data cache key)."""
+        return {}
 
     def fitted_state(self) -> dict:
         """What ``fit`` learned, as JSON (stored with cached data so a later run can skip fitting)."""
@@ -161,4 +169,19 @@ def load_pretrained_config(recipe: Recipe, **task_kwargs):
         setattr(config, key, value)
     for key, value in task_kwargs.items():
         setattr(config, key, value)
+    _import_architecture(config)
     return location, config
+
+
+def _import_architecture(config) -> None:
+    """Import the model's module now, and count it as library import time (start-up accounting):
+    transformers imports it lazily on first use, which takes a second or more for most models."""
+    from .. import timing
+
+    with timing.counted_as_import():
+        try:
+            from transformers.models.auto.configuration_auto import model_type_to_module_name
+
+            importlib.import_module(f"transformers.models.{model_type_to_module_name(config.model_type)}.modeling_{model_type_to_module_name(config.model_type)}")
+        except Exception:  # remote-code or unusual models: they are imported when built
+            pass

@@ -26,7 +26,10 @@ def _label_key(value) -> str:
 
 class SequenceClassificationTask(Task):
     name = "sequence_classification"
+    registered = True
     auto_model_class = "AutoModelForSequenceClassification"
+    peft_task_type = "SEQ_CLS"
+    head_modules = ("classifier", "score")
     metric_keys = CLASSIFICATION_KEYS
     pipeline_task = "text-classification"
 

@@ -35,7 +35,7 @@ def test_dry_run_prints_the_plan_and_starts_nothing(toy, isolated_env, tmp_path)
     assert "zero3" in out and "fp32" in out
     assert "4 optimizer steps; 25 per epoch over 400 training examples" in out
     # ZeRO-3 shards parameters, gradients and optimizer state over the 2 ranks
-    assert "parameters 42.63 KiB, gradients 42.63 KiB, optimizer state 127.89 KiB" in out
+    assert "parameters 42.63 KiB, gradients 42.63 KiB, optimizer state 85.26 KiB" in out
     assert "accelerate launch --config_file" in out and "-m launcher train" in out and "distributed.strategy=zero3" in out
     run_dir = tmp_path / "run"
     assert not (run_dir / "recipe.yaml").exists() and not (run_dir / "metrics.jsonl").exists()  # nothing ran

@@ -27,6 +27,6 @@ def test_no_unsafe_deserialization_in_the_launcher():
 
 
 def test_weights_are_written_as_safetensors():
-    text = (PACKAGE / "engine" / "weights.py").read_text()
+    text = (PACKAGE / "finetune.py").read_text()
     assert "safe_serialization=True" in text
     assert "load_kwargs={\"weights_only\": True}" in (PACKAGE / "engine" / "checkpoint.py").read_text()

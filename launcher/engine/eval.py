@@ -1,0 +1,83 @@
+"""`launcher eval`: evaluate without training - an exported checkpoint, the recipe's model, or a
+language model prompted zero-/k-shot (recipe `prompt:`) - on any split, gathered across ranks
+exactly like evaluation during training."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+from ..data import prepare_data
+from ..errors import DataError, LauncherError
+from ..recipe import Recipe, load_recipe
+from .evaluate import predict
+from .log import RankLog
+from .outputs import check_writable, write_json_atomic, write_jsonl_atomic
+from .setup import build_accelerator, plan_topology
+
+
+def eval_recipe(recipe_path: str, overrides: list[str], checkpoint: Path | None) -> Recipe:
+    """The recipe as evaluation needs it: replicas on every rank (no DeepSpeed), and - for an
+    exported checkpoint - the model's own label order, so label ids mean what its head means."""
+    overrides = [*overrides, "distributed.strategy=ddp"]
+    if checkpoint is not None:
+        config_path = checkpoint / "config.json"
+        if not checkpoint.is_dir() or not config_path.exists():
+            raise LauncherError(f"--checkpoint: {checkpoint} is not a model exported by the launcher (no config.json)")
+        config = json.loads(config_path.read_text())
+        labels = [config["id2label"][str(i)] for i in range(len(config.get("id2label", {})))]
+        if labels:
+            overrides.append(f"data.labels={json.dumps(labels)}")
+    return load_recipe(recipe_path, overrides)
+
+
+def run_evaluation(recipe_path: str, overrides: list[str], split: str, checkpoint: Path | None,
+                   output: Path | None) -> dict | None:
+    from accelerate.utils import set_seed
+
+    from ..model_io import load_tokenizer
+    from ..tasks import TASKS
+    from ..tasks.prompting import PromptClassificationTask
+
+    recipe = eval_recipe(recipe_path, overrides, checkpoint)
+    topology = plan_topology(recipe)
+    accelerator = build_accelerator(recipe, topology)
+    log = RankLog(accelerator.process_index, accelerator.num_processes)
+    set_seed(recipe.training.seed)
+    task = PromptClassificationTask(recipe) if recipe.prompt is not None else TASKS[recipe.task](recipe)
+    out_dir = output or (recipe.output_dir() / "eval")
+    check_writable(out_dir)
+    if checkpoint is not None:
+        from transformers import AutoTokenizer
+
+        tokenizer = AutoTokenizer.from_pretrained(checkpoint)
+    else:
+        tokenizer = load_tokenizer(recipe)
+    data = prepare_data(recipe, task, tokenizer, accelerator.local_main_process_first)
+    if split not in data.features:
+        raise DataError(f"--split {split}: the recipe's data has no {split} split (it has {', '.join(data.features)})")
+    if checkpoint is not None:
+        from ..finetune import load_exported
+
+        model, _ = load_exported(checkpoint)
+    else:
+        model = task.build_model(tokenizer)
+    model = model.to(accelerator.device).eval()
+    batch_size = recipe.evaluation.micro_batch_size or 2 * recipe.training.micro_batch_size
+    what = "prompted " + task.kind + f" LM, {recipe.prompt.shots}-shot" if recipe.prompt else "model"
+    log.info(f"evaluating {what} {checkpoint or recipe.model.name_or_path} on {split} "
+             f"({len(data.features[split])} examples, {accelerator.num_processes} process(es))")
+    records = predict(model, data.features[split], task, tokenizer, accelerator, batch_size)
+    result = None
+    if accelerator.is_main_process:
+        metrics = task.compute_metrics(records)
+        result = {"split": split, "model": str(checkpoint or recipe.model.name_or_path),
+                  "prompt": recipe.prompt.model_dump() if recipe.prompt else None, "metrics": metrics}
+        write_json_atomic(out_dir / f"{split}.json", result)
+        write_jsonl_atomic(out_dir / f"{split}-predictions.jsonl", task.prediction_rows(records, data.raw[split]))
+        keys = [k for k in ("accuracy", "f1_macro", "loss") if k in metrics]
+        log.info(f"{split}: " + ", ".join(f"{k} {metrics[k]:.4f}" for k in keys) + f" ({metrics['num_examples']} examples)")
+        log.info(f"metrics: {out_dir / f'{split}.json'}")
+    accelerator.wait_for_everyone()
+    accelerator.end_training()
+    return result
