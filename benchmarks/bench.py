@@ -119,10 +119,10 @@ def run_launcher(steps: int, nproc: int, out: Path, extra=()) -> dict:
     }
 
 
-def run_script(script: str, steps: int, out: Path, seed: int | None = None) -> dict:
+def run_script(script: str, steps: int, out: Path, seed: int | None = None, extra_env: dict | None = None) -> dict:
     extra = [str(seed)] if seed is not None else []
     result = subprocess.run([PYTHON, str(HERE / script), str(RECIPE), str(steps), str(out), *extra],
-                            env=env(2), cwd=REPO, capture_output=True, text=True)
+                            env={**env(2), **(extra_env or {})}, cwd=REPO, capture_output=True, text=True)
     if result.returncode:
         raise RuntimeError(f"{script} failed:\n{result.stderr[-3000:]}")
     return json.loads(out.read_text())

@@ -11,6 +11,7 @@ import time
 _start = time.perf_counter()
 
 import json  # noqa: E402
+import os  # noqa: E402
 import resource  # noqa: E402
 import sys  # noqa: E402
 
@@ -62,6 +63,7 @@ def main(recipe_path: str, steps: int, out_json: str, seed: int | None = None) -
         lr_scheduler_type=training.lr_scheduler, max_grad_norm=training.max_grad_norm, max_steps=steps,
         seed=training.seed, logging_steps=steps, save_strategy="no", eval_strategy="no", report_to=[],
         disable_tqdm=True, use_cpu=not torch.cuda.is_available(),
+        bf16=os.environ.get("BENCH_BF16") == "1",  # benchmarks/gpu_bench.py: the launcher runs bf16 there too
     )
     marks = {}
 
