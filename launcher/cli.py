@@ -153,7 +153,10 @@ def cmd_eval(args) -> int:
 def cmd_check(args) -> int:
     from .recipe import load_recipe, recipe_to_yaml
 
+    from .tasks import TASKS
+
     recipe = load_recipe(args.recipe, args.overrides)
+    TASKS[recipe.task](recipe)  # a task checks its own settings when it is created
     sys.stdout.write(recipe_to_yaml(recipe))
     return EXIT_OK
 

@@ -264,6 +264,10 @@ def load_exported(directory: str | Path, device: str = "cpu"):
     if "id2label" in config:
         config["id2label"] = {int(k): v for k, v in config["id2label"].items()}
     base = auto.from_pretrained(meta["base_model"], **config)
+    if len(tokenizer) > base.get_input_embeddings().num_embeddings:
+        # The task added tokens (relation_extraction's entity markers) and resized the embeddings; peft
+        # saved the grown matrix with the adapter, which loads only into a base of the same size.
+        base.resize_token_embeddings(len(tokenizer))
     if meta["method"] in OWN_METHODS:
         for param in base.parameters():
             param.requires_grad = False

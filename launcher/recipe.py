@@ -40,6 +40,10 @@ class ModelSection(_Section):
         False, description="Allow code shipped with the model to run. Off unless you trust the source."
     )
     revision: str | None = Field(None, description="Hub revision (branch, tag or commit) for Hub models.")
+    gguf_file: str | None = Field(
+        None, description="A GGUF file inside model.name_or_path (a directory) to load the weights from, dequantized "
+        "to fp32 (needs the gguf package; task causal_lm_sft only). model.tokenizer must then name a tokenizer directory."
+    )
 
 
 class DataSection(_Section):
@@ -153,10 +157,11 @@ class EvaluationSection(_Section):
     every_steps: int | None = Field(None, gt=0, description="Evaluate on validation every N optimizer steps.")
     every_epoch: bool = Field(True, description="Evaluate on validation at the end of each epoch.")
     micro_batch_size: int | None = Field(None, gt=0, description="Eval batch per rank (default: 2x training micro batch).")
-    metrics: list[str] = Field(
-        default_factory=lambda: ["accuracy", "precision", "recall", "f1"],
-        description="Metrics to compute (offline implementations). `evaluate:NAME` loads a Hugging Face "
-        "`evaluate` metric instead (needs network).",
+    metrics: list[str] | None = Field(
+        None,
+        description="Metrics to compute (offline implementations); default: the task's standard metrics "
+        "(classification: accuracy, precision, recall, f1). `evaluate:NAME` loads a Hugging Face `evaluate` "
+        "metric instead (needs network).",
     )
     best_metric: str | None = Field(
         None,
@@ -232,6 +237,91 @@ class PromptSection(_Section):
     separator: str = Field("\n\n", description="Between demonstrations and the prompt.")
 
 
+class GenerationSection(_Section):
+    """Sequence-to-sequence settings (task: seq2seq). Metrics: evaluation.metrics [rouge, bleu]."""
+
+    max_target_length: int = Field(
+        128, gt=0, description="Truncate target texts to this many tokens for the training (and eval) loss; "
+        "ROUGE/BLEU score the full reference text."
+    )
+    max_new_tokens: int = Field(128, gt=0, description="Generate at most this many tokens per example when evaluating.")
+    num_beams: int = Field(1, ge=1, description="Beam search width when evaluating; 1 = greedy decoding.")
+    source_prefix: str = Field(
+        "", description="Text put before every source text, e.g. `summarize: ` or `translate English to German: ` "
+        "(what T5 checkpoints were trained with)."
+    )
+
+
+class QuestionAnsweringSection(_Section):
+    """Extractive question answering settings (task: question_answering). Metrics: evaluation.metrics
+    [exact_match, f1]."""
+
+    doc_stride: int | None = Field(
+        128, ge=0,
+        description="A context longer than data.max_length is split into windows that overlap by this many "
+        "tokens (every question must leave more room than this). null: no splitting; an example that does "
+        "not fit in data.max_length is an error.",
+    )
+    max_answer_length: int = Field(30, gt=0, description="Longest answer span the model may predict, in tokens.")
+    n_best: int = Field(20, gt=0, description="Best-scoring candidate spans kept per window when choosing an example's answer.")
+    allow_unanswerable: bool = Field(
+        False,
+        description="SQuAD 2.0 style: questions without an answer (answers.text empty) are allowed, the model may "
+        "answer nothing, and metrics add HasAns_/NoAns_ breakdowns. If false, an unanswered row is an error.",
+    )
+    null_score_diff_threshold: float = Field(
+        0.0, description="With allow_unanswerable: answer nothing when the no-answer score exceeds the best span's "
+        "score by more than this.",
+    )
+    drop_bad_answers: bool = Field(
+        False, description="Drop rows whose answer text is not at its answer_start in the context (counted and "
+        "reported). If false, such a row is an error.",
+    )
+
+
+class RelationSection(_Section):
+    """Relation extraction settings (task: relation_extraction). Spans are character offsets into
+    data.text_column, end exclusive: text[head_start:head_end] is the head entity."""
+
+    head_start_column: str = Field("head_start", description="Column with the head entity's first character offset.")
+    head_end_column: str = Field("head_end", description="Column with the head entity's end offset (exclusive).")
+    tail_start_column: str = Field("tail_start", description="Column with the tail entity's first character offset.")
+    tail_end_column: str = Field("tail_end", description="Column with the tail entity's end offset (exclusive).")
+    no_relation_label: str | None = Field(
+        "no_relation",
+        description="The label meaning 'no relation' (the negative class): left out of micro precision/recall/F1, "
+        "as in TACRED. It must be one of the labels; null if every label is a relation.",
+    )
+    head_markers: tuple[str, str] = Field(
+        ("[E1]", "[/E1]"),
+        description="Inserted before and after the head entity; added to the tokenizer as special tokens (the model's "
+        "embeddings grow to match, and the exported tokenizer includes them).",
+    )
+    tail_markers: tuple[str, str] = Field(("[E2]", "[/E2]"), description="Inserted before and after the tail entity.")
+
+    @model_validator(mode="after")
+    def _distinct_markers(self) -> "RelationSection":
+        markers = [*self.head_markers, *self.tail_markers]
+        if any(not marker or marker != marker.strip() for marker in markers):
+            raise ValueError(f"entity markers must be non-empty, without surrounding spaces; got {markers}")
+        if len(set(markers)) != len(markers):
+            raise ValueError(f"the four entity markers must all differ; got {markers}")
+        return self
+
+
+class SFTSection(_Section):
+    """Supervised fine-tuning on dialogues (task: causal_lm_sft). Metrics: evaluation.metrics [perplexity]."""
+
+    system_prompt: str | None = Field(
+        None, description="A system message put first in every conversation that has none (otherwise the chat "
+        "template's own default system prompt, if it has one, applies)."
+    )
+    generate_max_new_tokens: int = Field(
+        0, ge=0, description="Greedily generate up to this many tokens for the last assistant turn of every test "
+        "conversation and write them to predictions/test.jsonl next to the reference reply; 0: no generation."
+    )
+
+
 # ---- task-specific sections (one class per task that needs settings; add new ones above this line) ----
 
 
@@ -263,6 +353,20 @@ class Recipe(_Section):
     evaluation: EvaluationSection = Field(default_factory=EvaluationSection)
     distributed: DistributedSection = Field(default_factory=DistributedSection)
     checkpoint: CheckpointSection = Field(default_factory=CheckpointSection)
+    generation: GenerationSection | None = Field(
+        None, description="Sequence-to-sequence settings (task: seq2seq): target length, decoding, source prefix."
+    )
+    question_answering: QuestionAnsweringSection | None = Field(
+        None, description="Extractive question answering settings (task: question_answering): windows, answer length, "
+        "unanswerable questions."
+    )
+    relation: RelationSection | None = Field(
+        None, description="Relation extraction settings (task: relation_extraction): entity span columns, the "
+        "no-relation label, entity markers."
+    )
+    sft: SFTSection | None = Field(
+        None, description="Dialogue fine-tuning settings (task: causal_lm_sft): system prompt, test-set generations."
+    )
     # task-specific sections: add new fields above this line (default None or a default_factory)
     prompt: PromptSection | None = Field(
         None, description="Prompt-based evaluation (`launcher eval`): score a causal or masked LM zero-/k-shot."
@@ -292,7 +396,10 @@ class Recipe(_Section):
         from .metrics import check_metric_names
         from .tasks import TASKS
 
-        check_metric_names(self.evaluation.metrics, self.evaluation.best_metric, TASKS[self.task].metric_keys)
+        task = TASKS[self.task]
+        if self.evaluation.metrics is None:
+            self.evaluation.metrics = list(task.default_metrics)
+        check_metric_names(self.evaluation.metrics, self.evaluation.best_metric, task.metric_keys)
         return self
 
     def output_dir(self) -> Path:

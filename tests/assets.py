@@ -99,6 +99,148 @@ def write_tiny_causal_lm(directory: Path, seed: int = 0) -> Path:
     return directory
 
 
+# ---- sequence to sequence: a toy "translation", a tiny BART and a tiny T5 (tests/integration/test_task_seq2seq.py) ----
+
+# Each English word has one fixed "German" word; a sentence translates word by word, in order.
+TOY_LEXICON = {
+    "the": "die", "a": "eine", "red": "rot", "blue": "blau", "green": "gruen", "black": "schwarz",
+    "white": "weiss", "big": "gross", "small": "klein", "old": "alt", "cat": "katze", "dog": "hund",
+    "bird": "vogel", "fish": "fisch", "house": "haus", "tree": "baum", "car": "auto", "sees": "sieht",
+    "has": "hat", "and": "und",
+}
+TOY_PREFIX_WORDS = ["translate", "English", "to", "German:"]
+
+
+def make_translation(rng: random.Random, min_words: int = 1, max_words: int = 10) -> tuple[str, str]:
+    words = [rng.choice(list(TOY_LEXICON)) for _ in range(rng.randint(min_words, max_words))]
+    return " ".join(words), " ".join(TOY_LEXICON[w] for w in words)
+
+
+def write_toy_translation_csv(path: Path, rows: int, seed: int = 0, lengths: list[tuple[int, int]] | None = None) -> Path:
+    """``source,target`` rows; ``lengths`` optionally gives (min, max) words per consecutive block of
+    rows (e.g. short sentences first, long ones last). tests/data/translation_*.csv were written with
+    (400, seed=11, [(1, 3), (1, 10)]), (37, seed=12, [(1, 2), (8, 10)]) and (53, seed=13, [(1, 2), (8, 10)])."""
+    rng = random.Random(seed)
+    blocks = lengths or [(1, 10)]
+    path.parent.mkdir(parents=True, exist_ok=True)
+    with path.open("w", newline="", encoding="utf-8") as handle:
+        writer = csv.writer(handle)
+        writer.writerow(("source", "target"))
+        for i in range(rows):
+            low, high = blocks[min(i * len(blocks) // rows, len(blocks) - 1)]
+            writer.writerow(make_translation(rng, low, high))
+    return path
+
+
+def _seq2seq_tokenizer(directory: Path, specials: list[str], bos: str | None, eos: str):
+    """A word-level tokenizer over the toy translation vocabulary (sources, targets and the T5-style
+    task prefix): ``[bos] words eos``."""
+    from tokenizers import Tokenizer, models, pre_tokenizers, processors
+    from transformers import PreTrainedTokenizerFast
+
+    words = specials + TOY_PREFIX_WORDS + list(TOY_LEXICON) + list(TOY_LEXICON.values())
+    vocab = {word: i for i, word in enumerate(words)}
+    backend = Tokenizer(models.WordLevel(vocab=vocab, unk_token="<unk>"))
+    backend.pre_tokenizer = pre_tokenizers.WhitespaceSplit()
+    start = f"{bos} " if bos else ""
+    backend.post_processor = processors.TemplateProcessing(
+        single=f"{start}$A {eos}", pair=f"{start}$A {eos} $B:1 {eos}:1",
+        special_tokens=[(token, vocab[token]) for token in (bos, eos) if token],
+    )
+    tokenizer = PreTrainedTokenizerFast(
+        tokenizer_object=backend, unk_token="<unk>", pad_token="<pad>", eos_token=eos, bos_token=bos,
+        model_max_length=64, model_input_names=["input_ids", "attention_mask"],
+    )
+    tokenizer.save_pretrained(directory)
+    return vocab
+
+
+def write_tiny_bart(directory: Path, seed: int = 0, dropout: float = 0.0) -> Path:
+    """A 1+1-layer BART (encoder-decoder, d_model 128) over the toy translation vocabulary, with BART's
+    special tokens (``<s>`` 0, ``<pad>`` 1, ``</s>`` 2; the decoder starts from ``</s>``, then ``<s>``).
+    Learns the toy translation in ~100 steps. (From random weights a decoder first learns to ignore
+    the source, then - suddenly - to use it; with one layer each, that happens early and reliably.)"""
+    import torch
+    from transformers import BartConfig, BartForConditionalGeneration
+
+    directory.mkdir(parents=True, exist_ok=True)
+    vocab = _seq2seq_tokenizer(directory, ["<s>", "<pad>", "</s>", "<unk>"], bos="<s>", eos="</s>")
+    config = BartConfig(
+        vocab_size=len(vocab), d_model=128, encoder_layers=1, decoder_layers=1, encoder_attention_heads=4,
+        decoder_attention_heads=4, encoder_ffn_dim=256, decoder_ffn_dim=256, max_position_embeddings=64,
+        dropout=dropout, attention_dropout=dropout, activation_dropout=dropout,
+        bos_token_id=vocab["<s>"], pad_token_id=vocab["<pad>"], eos_token_id=vocab["</s>"],
+        decoder_start_token_id=vocab["</s>"], forced_bos_token_id=vocab["<s>"], forced_eos_token_id=vocab["</s>"],
+    )
+    torch.manual_seed(seed)
+    BartForConditionalGeneration(config).save_pretrained(directory, safe_serialization=True)
+    return directory
+
+
+def write_tiny_t5(directory: Path, seed: int = 0, dropout: float = 0.0) -> Path:
+    """A 2+2-layer T5 (d_model 32) over the toy translation vocabulary: sequences end with ``</s>``,
+    the decoder starts from ``<pad>``, as in T5."""
+    import torch
+    from transformers import T5Config, T5ForConditionalGeneration
+
+    directory.mkdir(parents=True, exist_ok=True)
+    vocab = _seq2seq_tokenizer(directory, ["<pad>", "</s>", "<unk>"], bos=None, eos="</s>")
+    config = T5Config(
+        vocab_size=len(vocab), d_model=32, d_kv=16, d_ff=64, num_layers=2, num_decoder_layers=2, num_heads=2,
+        relative_attention_num_buckets=16, relative_attention_max_distance=32, dropout_rate=dropout,
+        decoder_start_token_id=vocab["<pad>"], pad_token_id=vocab["<pad>"], eos_token_id=vocab["</s>"],
+    )
+    torch.manual_seed(seed)
+    T5ForConditionalGeneration(config).save_pretrained(directory, safe_serialization=True)
+    return directory
+
+
+# ---- token classification / relation extraction (tests/integration/test_task_*.py) ----
+
+
+def words_of_jsonl(*paths: Path, field: str) -> list[str]:
+    """Every distinct word of ``field`` (a list of words, or a text split on whitespace) in JSON Lines
+    files, sorted: the vocabulary of a word-level tokenizer that covers those files."""
+    words: set[str] = set()
+    for path in paths:
+        for line in Path(path).read_text(encoding="utf-8").splitlines():
+            value = json.loads(line)[field]
+            words.update(value if isinstance(value, list) else value.split())
+    return sorted(words)
+
+
+def write_word_level_bert(directory: Path, words: list[str], seed: int = 0, dropout: float = 0.0,
+                          max_positions: int = 64) -> Path:
+    """A randomly initialised 2-layer BERT like ``write_tiny_bert``, with a word-level (one word = one
+    token) fast tokenizer over ``words``: for tasks whose toy data has its own vocabulary."""
+    import torch
+    from tokenizers import Tokenizer, models, pre_tokenizers, processors
+    from transformers import BertConfig, BertModel, PreTrainedTokenizerFast
+
+    directory.mkdir(parents=True, exist_ok=True)
+    vocab = {word: i for i, word in enumerate(SPECIAL + [w for w in words if w not in SPECIAL])}
+    backend = Tokenizer(models.WordLevel(vocab=vocab, unk_token="[UNK]"))
+    backend.pre_tokenizer = pre_tokenizers.WhitespaceSplit()
+    backend.post_processor = processors.TemplateProcessing(
+        single="[CLS] $A [SEP]",
+        pair="[CLS] $A [SEP] $B:1 [SEP]:1",
+        special_tokens=[("[CLS]", vocab["[CLS]"]), ("[SEP]", vocab["[SEP]"])],
+    )
+    PreTrainedTokenizerFast(
+        tokenizer_object=backend, unk_token="[UNK]", pad_token="[PAD]", cls_token="[CLS]", sep_token="[SEP]",
+        mask_token="[MASK]", model_max_length=max_positions,
+        model_input_names=["input_ids", "token_type_ids", "attention_mask"],
+    ).save_pretrained(directory)
+    config = BertConfig(
+        vocab_size=len(vocab), hidden_size=32, num_hidden_layers=2, num_attention_heads=2, intermediate_size=64,
+        max_position_embeddings=max_positions, type_vocab_size=2, hidden_dropout_prob=dropout,
+        attention_probs_dropout_prob=dropout, pad_token_id=0,
+    )
+    torch.manual_seed(seed)
+    BertModel(config).save_pretrained(directory, safe_serialization=True)
+    return directory
+
+
 def write_all(root: Path) -> dict:
     root.mkdir(parents=True, exist_ok=True)
     paths = {

@@ -75,8 +75,9 @@ def run_evaluation(recipe_path: str, overrides: list[str], split: str, checkpoin
                   "prompt": recipe.prompt.model_dump() if recipe.prompt else None, "metrics": metrics}
         write_json_atomic(out_dir / f"{split}.json", result)
         write_jsonl_atomic(out_dir / f"{split}-predictions.jsonl", task.prediction_rows(records, data.raw[split]))
-        keys = [k for k in ("accuracy", "f1_macro", "loss") if k in metrics]
-        log.info(f"{split}: " + ", ".join(f"{k} {metrics[k]:.4f}" for k in keys) + f" ({metrics['num_examples']} examples)")
+        from .run import _summary
+
+        log.info(f"{split}: {_summary(metrics, task)}")
         log.info(f"metrics: {out_dir / f'{split}.json'}")
     accelerator.wait_for_everyone()
     accelerator.end_training()

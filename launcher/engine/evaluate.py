@@ -17,7 +17,11 @@ def batches(indices: list[int], batch_size: int):
 
 
 def to_device(batch: dict, device) -> dict:
-    return {k: v.to(device, non_blocking=True) if torch.is_tensor(v) else v for k, v in batch.items()}
+    """Move a collated batch to the device; on a GPU via pinned memory, so the copy is asynchronous
+    and overlaps with work already queued."""
+    pin = getattr(device, "type", str(device)) == "cuda"
+    return {k: (v.pin_memory() if pin else v).to(device, non_blocking=True) if torch.is_tensor(v) else v
+            for k, v in batch.items()}
 
 
 @torch.no_grad()

@@ -462,7 +462,7 @@ class FineTuneRun:
         if self.accelerator.is_main_process:
             state.last_validation = _scalars(metrics)
             self.validation_reports[state.step] = metrics
-            self.log.info(f"validation @ step {state.step}: {_summary(metrics)}")
+            self.log.info(f"validation @ step {state.step}: {_summary(metrics, self.task)}")
             self.log.event({"event": "eval", "split": "validation", "step": state.step, **_scalars(metrics)})
             if evaluation.best_metric:
                 value = metrics[evaluation.best_metric]
@@ -511,7 +511,7 @@ class FineTuneRun:
             metrics, records = self.evaluate("test")
             if accelerator.is_main_process:
                 results["test"] = metrics
-                log.info(f"test: {_summary(metrics)}")
+                log.info(f"test: {_summary(metrics, self.task)}")
                 log.event({"event": "eval", "split": "test", "step": state.step, **_scalars(metrics)})
                 if self.recipe.output.save_predictions:
                     rows = self.task.prediction_rows(records, self.data.raw["test"])
@@ -602,9 +602,15 @@ def _scalars(metrics: dict) -> dict:
     return {k: v for k, v in metrics.items() if isinstance(v, (int, float))}
 
 
-def _summary(metrics: dict) -> str:
-    keys = [k for k in ("loss", "accuracy", "f1_macro", "precision_macro", "recall_macro") if k in metrics]
-    return ", ".join(f"{k} {metrics[k]:.4f}" for k in keys) + f" ({metrics.get('num_examples', '?')} examples)"
+def _summary(metrics: dict, task=None) -> str:
+    """loss + the task's headline metrics (the first key of each configured metric), for log lines."""
+    keys = ["loss"]
+    if task is not None:
+        for name in task.recipe.evaluation.metrics:
+            produced = task.metric_keys.get(name, [name.split(":", 1)[-1]])
+            keys.extend(produced[:1])
+    present = [k for k in dict.fromkeys(keys) if isinstance(metrics.get(k), (int, float))]
+    return ", ".join(f"{k} {metrics[k]:.4f}" for k in present) + f" ({metrics.get('num_examples', '?')} examples)"
 
 
 def run_training(recipe: Recipe) -> dict | None:

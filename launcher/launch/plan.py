@@ -192,7 +192,8 @@ def generated_accelerate_config(strategy: str, precision: str, nodes: int, node_
 
 
 def build_plan(recipe_path: str | Path, overrides: list[str], request: LaunchRequest) -> LaunchPlan:
-    from ..data import load_validated_splits
+    from ..data import prepare_data
+    from ..model_io import load_tokenizer
     from ..engine.outputs import decide_start
     from ..sampling import steps_per_epoch
     from ..tasks import TASKS
@@ -245,8 +246,10 @@ def build_plan(recipe_path: str | Path, overrides: list[str], request: LaunchReq
 
     start = decide_start(recipe)
     task = TASKS[recipe.task](recipe)
-    data = load_validated_splits(recipe, task)
-    examples = len(data.raw["train"])
+    # Tokenize now (the run reads the cache): steps count training *features*, which for some tasks
+    # (long QA contexts split into windows, packed dialogues) are not one per raw row.
+    data = prepare_data(recipe, task, load_tokenizer(recipe))
+    examples = len(data.features["train"])
     per_epoch = steps_per_epoch(examples, batch)
     if per_epoch == 0:
         raise LauncherError(
@@ -289,7 +292,7 @@ def describe(plan: LaunchPlan) -> list[tuple[str, str]]:
         ("batch", plan.batch.describe()),
         ("strategy", plan.strategy),
         ("precision", training.precision),
-        ("steps", f"{plan.total_steps} optimizer steps; {plan.steps_per_epoch} per epoch over {plan.train_examples:,} training examples"),
+        ("steps", f"{plan.total_steps} optimizer steps; {plan.steps_per_epoch} per epoch over {plan.train_examples:,} training features"),
         ("parameters", f"{plan.num_parameters:,}"),
         ("memory / rank", f"parameters {format_bytes(memory.parameters)}, gradients {format_bytes(memory.gradients)}, "
                           f"optimizer state {format_bytes(memory.optimizer)} = {format_bytes(memory.device_total)} on "

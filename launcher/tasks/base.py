@@ -30,6 +30,7 @@ class Task:
     head_modules: ClassVar[tuple[str, ...]] = ()  # module names of the task head (trained by PEFT methods too)
     # metric name (evaluation.metrics entry) -> the scalar keys it produces (for best_metric)
     metric_keys: ClassVar[dict[str, list[str]]]
+    default_metrics: ClassVar[tuple[str, ...]] = ()  # evaluation.metrics when the recipe names none
     pipeline_task: ClassVar[str | None] = None
 
     def __init__(self, recipe: Recipe):

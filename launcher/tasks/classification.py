@@ -31,6 +31,7 @@ class SequenceClassificationTask(Task):
     peft_task_type = "SEQ_CLS"
     head_modules = ("classifier", "score")
     metric_keys = CLASSIFICATION_KEYS
+    default_metrics = ("accuracy", "precision", "recall", "f1")
     pipeline_task = "text-classification"
 
     def __init__(self, recipe):

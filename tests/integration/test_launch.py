@@ -33,7 +33,7 @@ def test_dry_run_prints_the_plan_and_starts_nothing(toy, isolated_env, tmp_path)
     assert "1 node(s) x 2 process(es) = 2 (cpu, gloo)" in out
     assert "micro_batch_size 8 x grad_accum_steps 1 x world_size 2 = global_batch_size 16" in out
     assert "zero3" in out and "fp32" in out
-    assert "4 optimizer steps; 25 per epoch over 400 training examples" in out
+    assert "4 optimizer steps; 25 per epoch over 400 training features" in out
     # ZeRO-3 shards parameters, gradients and optimizer state over the 2 ranks
     assert "parameters 42.63 KiB, gradients 42.63 KiB, optimizer state 85.26 KiB" in out
     assert "accelerate launch --config_file" in out and "-m launcher train" in out and "distributed.strategy=zero3" in out

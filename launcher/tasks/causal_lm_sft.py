@@ -1,0 +1,563 @@
+"""Causal-LM supervised fine-tuning on dialogues (``task: causal_lm_sft``).
+
+Each row holds one conversation in ``data.text_column``: a list of ``{"role": "system" | "user" |
+"assistant", "content": str}`` (in a JSON/JSONL/parquet file; in a CSV cell, the same list as JSON
+text). It is rendered with the tokenizer's chat template and tokenized once; the loss is on the
+assistant turns only.
+
+Which tokens are supervised: for every assistant message ``i`` the conversation is rendered twice,
+``messages[:i]`` with the generation prompt (everything up to where the reply starts) and
+``messages[:i + 1]`` (up to where the reply ends); both must be prefixes of the whole rendering.
+The characters in between are the reply as the template writes it (content, then the template's
+end-of-turn marker and whatever follows it). Tokens of that span are supervised up to and
+including the last special token in it (the end-of-turn token: ``<|im_end|>``, ``<eos>``...), so
+the newline a template writes after the marker is not; a template without a special end-of-turn
+token has its whole span supervised. Everything else (system, user, role headers) is -100.
+Token positions come from the tokenizer's offset mapping of the full rendering, so the input ids are
+exactly the tokenization of the conversation.
+
+Length: a conversation longer than ``data.max_length`` tokens is cut there (its end is lost) and
+counted; one with no supervised token left (or no assistant turn at all) is dropped and counted.
+The counts are logged when the data is prepared, appear in the start event's ``dropped``, and in
+every evaluation's metrics (``truncated`` for that split, ``data`` for all splits). Packing several
+conversations into one row is not implemented: every row is one conversation, padded per batch.
+
+Loss: cross-entropy summed over supervised tokens; ``count_targets`` counts them, so the engine's
+normalization makes the update the mean over every supervised token of the global batch, whatever
+the micro-batch x accumulation x ranks split and however long each reply is.
+
+Evaluation: per-example records carry the NLL sum and the number of supervised tokens; the metrics
+are ``loss`` (mean token NLL over the split) and ``perplexity`` (exp of it). With
+``sft.generate_max_new_tokens`` > 0 the last assistant turn of every test conversation is also
+generated greedily (all ranks in step: ZeRO-3 generation is synced) and written to the predictions.
+
+GGUF models (``model.gguf_file``): the weights are loaded with transformers' GGUF support
+(dequantized to fp32) and the quantization marker is dropped so the model exports with
+``save_pretrained``; the tokenizer must be a directory (``model.tokenizer``), written from the GGUF
+file by :func:`save_gguf_tokenizer` (``python scripts/prepare_dialogue_assets.py --gguf-tokenizer``).
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import math
+import os
+from dataclasses import dataclass
+
+import torch
+import torch.nn.functional as F
+
+from ..errors import DataError, ModelError, RecipeError
+from ..model_io import load_model_error, load_tokenizer
+from ..recipe import SFTSection
+from .base import Batch, Record, Task, load_pretrained_config, pad_columns
+
+ROLES = ("system", "user", "assistant")
+IGNORE = -100
+LABEL_VERSION = 1  # part of the data cache key: bump when the supervision rule changes
+
+
+# ---------------------------------------------------------------------------------------------
+# Conversations -> input ids and labels (pure functions: unit-tested token by token)
+
+
+def normalize_conversation(value, where: str, column: str, system_prompt: str | None = None) -> list[dict]:
+    """Validate one row's conversation and return it as [{"role", "content"}], with the system
+    prompt prepended (when given and the conversation has no system message) and trailing
+    non-assistant messages removed (nothing after the last reply is supervised). DataError names
+    the row and the message."""
+    if isinstance(value, str):
+        try:
+            value = json.loads(value)
+        except json.JSONDecodeError as exc:
+            raise DataError(
+                f"{where}: data.text_column {column!r} is text that is not JSON ({exc.msg}); each row needs a list "
+                f"of {{role, content}} messages"
+            ) from None
+    if not isinstance(value, (list, tuple)):
+        shown = "empty" if value is None else type(value).__name__
+        raise DataError(f"{where}: data.text_column {column!r} is {shown}; each row needs a list of {{role, content}} messages")
+    messages = []
+    for number, message in enumerate(value, start=1):
+        if not isinstance(message, dict) or "role" not in message or "content" not in message:
+            raise DataError(f"{where}: message {number} of {column!r} is not a {{role, content}} mapping ({str(message)[:60]!r})")
+        role, content = message["role"], message["content"]
+        if role not in ROLES:
+            raise DataError(f"{where}: message {number} has role {role!r}; use one of {', '.join(ROLES)}")
+        if not isinstance(content, str):
+            shown = "empty" if content is None else type(content).__name__
+            raise DataError(f"{where}: message {number} ({role}) content is {shown}, expected text")
+        messages.append({"role": role, "content": content})
+    if system_prompt is not None and not any(m["role"] == "system" for m in messages):
+        messages.insert(0, {"role": "system", "content": system_prompt})
+    while messages and messages[-1]["role"] != "assistant":
+        messages.pop()
+    if messages and messages[0]["role"] == "assistant":
+        raise DataError(
+            f"{where}: the conversation starts with an assistant message, so there is nothing it replies to; "
+            f"start it with a user or system message, or set sft.system_prompt"
+        )
+    return messages
+
+
+def render(tokenizer, messages: list[dict], add_generation_prompt: bool = False) -> str:
+    return tokenizer.apply_chat_template(messages, tokenize=False, add_generation_prompt=add_generation_prompt)
+
+
+def end_of_turn_ids(tokenizer) -> set[int]:
+    """Special tokens that can close a turn (every special token but unk)."""
+    ids = set(tokenizer.all_special_ids)
+    ids |= {i for i, token in tokenizer.added_tokens_decoder.items() if token.special}
+    ids.discard(tokenizer.unk_token_id)
+    return ids
+
+
+def check_chat_template(tokenizer, recipe) -> None:
+    if not getattr(tokenizer, "chat_template", None):
+        where = recipe.model.tokenizer or recipe.model.name_or_path
+        raise ModelError(
+            f"model.tokenizer: the tokenizer from {where} has no chat template, which causal_lm_sft renders "
+            f"conversations with; use a chat/instruct model's tokenizer, or point model.tokenizer at a directory "
+            f"whose tokenizer_config.json (or chat_template.jinja) has one"
+        )
+    if not getattr(tokenizer, "is_fast", False):
+        raise ModelError(
+            f"model.tokenizer: causal_lm_sft needs a fast (tokenizers-backed) tokenizer for token offsets; "
+            f"{type(tokenizer).__name__} is not one"
+        )
+
+
+@dataclass
+class EncodedConversation:
+    input_ids: list[int]
+    labels: list[int]  # the token id where supervised, IGNORE elsewhere; labels[0] is always IGNORE
+    truncated: bool  # the rendering was longer than max_length and was cut
+    reply_turn: int  # message index of the last assistant turn that starts within max_length (-1: none)
+    prompt_length: int  # tokens before that turn's reply (the prompt a generation starts from)
+
+    @property
+    def supervised(self) -> int:
+        return sum(1 for label in self.labels[1:] if label != IGNORE)
+
+
+def encode_conversation(tokenizer, messages: list[dict], max_length: int, where: str = "",
+                        end_ids: set[int] | None = None) -> EncodedConversation:
+    """Tokenize a normalized conversation and mark its assistant tokens (see the module docstring)."""
+    end_ids = end_of_turn_ids(tokenizer) if end_ids is None else end_ids
+    text = render(tokenizer, messages)
+    encoded = tokenizer(text, add_special_tokens=False, return_offsets_mapping=True)
+    ids, offsets = list(encoded["input_ids"]), encoded["offset_mapping"]
+    labels = [IGNORE] * len(ids)
+    starts: list[tuple[int, int]] = []  # (message index, first token of its reply)
+    for index, message in enumerate(messages):
+        if message["role"] != "assistant":
+            continue
+        before = render(tokenizer, messages[:index], add_generation_prompt=True)
+        through = render(tokenizer, messages[:index + 1])
+        if not (through.startswith(before) and text.startswith(through)):
+            raise ModelError(
+                f"model.tokenizer: the chat template does not render {where or 'a conversation'} prefix by prefix "
+                f"(turn {index + 1} renders differently inside the whole conversation), so its assistant tokens "
+                f"cannot be located; use a template that renders earlier turns unchanged"
+            )
+        begin, end = len(before), len(through)
+        span = [t for t, (s, e) in enumerate(offsets) if e > s and e > begin and s < end]
+        if not span:
+            continue
+        closing = [t for t in span if ids[t] in end_ids]
+        last = closing[-1] if closing else span[-1]
+        for t in span:
+            if t <= last:
+                labels[t] = ids[t]
+        starts.append((index, span[0]))
+    truncated = len(ids) > max_length
+    ids, labels = ids[:max_length], labels[:max_length]
+    if labels:
+        labels[0] = IGNORE  # nothing predicts the first token
+    reply_turn, prompt_length = -1, 0
+    for index, first in starts:
+        if 0 < first < max_length:
+            reply_turn, prompt_length = index, first
+    return EncodedConversation(ids, labels, truncated, reply_turn, prompt_length)
+
+
+def token_losses(logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
+    """Per-position NLL of the next token, (batch, length - 1), zero where not supervised."""
+    targets = labels[:, 1:]
+    flat = F.cross_entropy(
+        logits[:, :-1].float().reshape(-1, logits.shape[-1]), targets.reshape(-1), ignore_index=IGNORE, reduction="none"
+    )
+    return flat.view(targets.shape)
+
+
+# ---------------------------------------------------------------------------------------------
+# GGUF weights
+
+
+def gguf_location(recipe) -> tuple[str, str]:
+    """(directory, file name) of model.gguf_file, checked."""
+    import importlib.util
+
+    from ..paths import resolve_path
+    from ..recipe import recipe_base_dir
+
+    name = recipe.model.gguf_file
+    try:
+        directory = resolve_path(recipe.model.name_or_path, recipe_base_dir(recipe))
+    except Exception as exc:  # a pkg:// package that is not installed
+        raise ModelError(f"model.name_or_path: {exc}") from None
+    if not (directory / name).is_file():
+        raise ModelError(
+            f"model.gguf_file: {name} is not a file in {directory} (model.name_or_path); name a .gguf file in that directory"
+        )
+    if importlib.util.find_spec("gguf") is None:
+        raise ModelError("model.gguf_file: loading GGUF weights needs the gguf package; pip install gguf")
+    return str(directory), name
+
+
+def gguf_config(recipe):
+    """The model config stored in the GGUF file, with model.config_overrides applied."""
+    import difflib
+
+    from transformers import AutoConfig
+
+    directory, name = gguf_location(recipe)
+    config = AutoConfig.from_pretrained(directory, gguf_file=name)
+    for key, value in recipe.model.config_overrides.items():
+        if not hasattr(config, key):
+            close = difflib.get_close_matches(key, list(config.to_dict()), n=1)
+            hint = f"; did you mean {close[0]}?" if close else ""
+            raise ModelError(f"model.config_overrides.{key}: not an attribute of this {config.model_type} config{hint}")
+        setattr(config, key, value)
+    return directory, name, config
+
+
+def drop_gguf_quantization(model) -> None:
+    """The GGUF weights are dequantized on load: mark the model as the plain fp32 model it is, so that
+    save_pretrained (export, best weights) works."""
+    if hasattr(model.config, "quantization_config"):
+        del model.config.quantization_config
+    if getattr(model, "hf_quantizer", None) is not None:
+        model.hf_quantizer = None
+
+
+def save_gguf_tokenizer(directory: str, gguf_file: str, target: str) -> str:
+    """Write the tokenizer (with its chat template) stored in a GGUF file as a tokenizer directory
+    that model.tokenizer can name."""
+    from transformers import AutoTokenizer
+
+    tokenizer = AutoTokenizer.from_pretrained(directory, gguf_file=gguf_file)
+    tokenizer.save_pretrained(target)
+    return target
+
+
+# ---------------------------------------------------------------------------------------------
+
+
+def _is_main_process() -> bool:
+    return os.environ.get("RANK", "0") == "0"
+
+
+class CausalLMSFTTask(Task):
+    name = "causal_lm_sft"
+    registered = True
+    auto_model_class = "AutoModelForCausalLM"
+    peft_task_type = "CAUSAL_LM"
+    # With tied input/output embeddings (GPT-2, SmolLM2, ...) the shared matrix is named after the
+    # input embedding, so "lm_head" matches nothing and BitFit/adapter/prefix tuning leave the
+    # embedding frozen; only an untied lm_head is trained with them. LoRA/IA3 train peft's weights only.
+    head_modules = ("lm_head",)
+    metric_keys = {"perplexity": ["perplexity"]}
+    default_metrics = ("perplexity",)  # evaluation.metrics when the recipe names none
+    pipeline_task = "text-generation"
+
+    def __init__(self, recipe):
+        super().__init__(recipe)
+        self.sft = recipe.sft or SFTSection()
+        self.report: dict[str, dict] = {}  # split -> conversation counts (kept, truncated, dropped)
+        self.tokenizer = None
+        evaluation = recipe.evaluation
+        hub = [name for name in evaluation.metrics or () if name.startswith("evaluate:")]
+        if hub:
+            raise RecipeError(
+                f"evaluation.metrics: {hub[0]} is not available for causal_lm_sft (it scores classifications); "
+                f"use evaluation.metrics: [perplexity]"
+            )
+        if evaluation.best_metric == "perplexity" and evaluation.greater_is_better is not False:
+            raise RecipeError(
+                "evaluation.best_metric=perplexity: lower is better, but the default direction for a metric other than "
+                "loss is higher; set evaluation.greater_is_better=false (or use best_metric: loss)"
+            )
+        if recipe.model.gguf_file and recipe.model.tokenizer is None:
+            raise ModelError(
+                f"model.tokenizer: a GGUF model (model.gguf_file={recipe.model.gguf_file}) needs its tokenizer as a "
+                f"directory; write it with `python scripts/prepare_dialogue_assets.py --gguf-tokenizer DIR "
+                f"--model {recipe.model.name_or_path} --gguf-file {recipe.model.gguf_file}` and set model.tokenizer=DIR"
+            )
+
+    # ---- data ---------------------------------------------------------------------------
+    def required_columns(self, split: str) -> dict[str, str]:
+        return {"data.text_column": self.recipe.data.text_column}
+
+    def cache_inputs(self) -> dict:
+        # The chat template decides the features but is not part of the tokenizer fingerprint (the
+        # backend tokenizer): a changed template must not reuse features rendered with the old one.
+        template = self._own_tokenizer().chat_template
+        return {"sft_system_prompt": self.sft.system_prompt, "label_version": LABEL_VERSION,
+                "chat_template": hashlib.sha256(str(template).encode()).hexdigest()[:20]}
+
+    def fitted_state(self) -> dict:
+        return {"report": self.report}
+
+    def restore_fitted(self, state: dict) -> None:
+        report = dict(state.get("report", {}))
+        if report != self.report:  # features from an earlier run's cache: say what that preparation found
+            for split, counts in report.items():
+                self._log_report(split, counts)
+        self.report = report
+
+    def _own_tokenizer(self):
+        """The run's tokenizer, for validating splits before the engine hands one over."""
+        if self.tokenizer is None:
+            self.tokenizer = load_tokenizer(self.recipe)
+        check_chat_template(self.tokenizer, self.recipe)
+        return self.tokenizer
+
+    def clean_split(self, split: str, dataset, source: str):
+        data = self.recipe.data
+        tokenizer = self._own_tokenizer()
+        end_ids = end_of_turn_ids(tokenizer)
+        rows = dataset["_row"] if "_row" in dataset.column_names else range(len(dataset))
+        keep: list[int] = []
+        truncated = no_assistant = cut_off = 0
+        for position, (value, row) in enumerate(zip(dataset[data.text_column], rows)):
+            where = f"{source} row {row + 1}"
+            messages = normalize_conversation(value, where, data.text_column, self.sft.system_prompt)
+            if not messages:
+                no_assistant += 1
+                continue
+            encoded = encode_conversation(tokenizer, messages, data.max_length, where, end_ids)
+            if encoded.supervised == 0:
+                cut_off += 1
+                continue
+            truncated += encoded.truncated
+            keep.append(position)
+        if len(keep) != len(dataset):
+            dataset = dataset.select(keep)
+        # Generations are for the test predictions; the flag is the same for a whole split, so every
+        # rank makes the same decision for every evaluation batch (generation is a collective under ZeRO-3).
+        dataset = dataset.add_column("_sft_generate", [split == "test"] * len(dataset))
+        counts = {"conversations": len(keep), "truncated": truncated, "dropped_no_assistant_turn": no_assistant,
+                  "dropped_truncated_away": cut_off}
+        self.report[split] = counts
+        self._log_report(split, counts, source)
+        return dataset, no_assistant + cut_off
+
+    def _log_report(self, split: str, counts: dict, source: str | None = None) -> None:
+        if not _is_main_process():
+            return
+        max_length = self.recipe.data.max_length
+        print(
+            f"{source or 'data.' + split}: {counts['conversations']} conversations; {counts['truncated']} longer than "
+            f"data.max_length={max_length} were truncated; dropped {counts['dropped_truncated_away']} with no "
+            f"assistant turn within max_length and {counts['dropped_no_assistant_turn']} with no assistant turn",
+            flush=True,
+        )
+
+    def encoder(self, tokenizer):
+        check_chat_template(tokenizer, self.recipe)
+        data, system_prompt = self.recipe.data, self.sft.system_prompt
+        end_ids = end_of_turn_ids(tokenizer)
+
+        def encode(rows, indices):
+            features = {key: [] for key in ("input_ids", "attention_mask", "labels", "example_id", "truncated",
+                                            "prompt_length", "reply_turn", "generate")}
+            generate = rows.get("_sft_generate") or [False] * len(indices)
+            row_numbers = rows.get("_row") or list(indices)
+            for value, index, row, flag in zip(rows[data.text_column], indices, row_numbers, generate):
+                where = f"data row {row + 1}"
+                messages = normalize_conversation(value, where, data.text_column, system_prompt)
+                encoded = encode_conversation(tokenizer, messages, data.max_length, where, end_ids)
+                features["input_ids"].append(encoded.input_ids)
+                features["attention_mask"].append([1] * len(encoded.input_ids))
+                features["labels"].append(encoded.labels)
+                features["example_id"].append(index)
+                features["truncated"].append(int(encoded.truncated))
+                features["prompt_length"].append(encoded.prompt_length)
+                features["reply_turn"].append(encoded.reply_turn)
+                features["generate"].append(int(bool(flag)))
+            return features
+
+        return encode
+
+    # ---- model --------------------------------------------------------------------------
+    def count_parameters(self) -> int:
+        if not self.recipe.model.gguf_file:
+            return super().count_parameters()
+        import transformers
+
+        _, _, config = gguf_config(self.recipe)
+        with torch.device("meta"):
+            model = transformers.AutoModelForCausalLM.from_config(config)
+        return sum(p.numel() for p in model.parameters())
+
+    def build_model(self, tokenizer):
+        from transformers import AutoModelForCausalLM
+
+        recipe = self.recipe
+        check_chat_template(tokenizer, recipe)
+        if recipe.model.gguf_file:
+            location, name, config = gguf_config(recipe)
+            try:
+                model = AutoModelForCausalLM.from_pretrained(location, gguf_file=name, config=config)
+            except (OSError, ValueError) as exc:
+                raise load_model_error(exc, f"{location}/{name}") from None
+            drop_gguf_quantization(model)
+        else:
+            location, config = load_pretrained_config(recipe)
+            try:
+                model = AutoModelForCausalLM.from_pretrained(
+                    location, config=config, trust_remote_code=recipe.model.trust_remote_code,
+                    revision=recipe.model.revision,
+                )
+            except (OSError, ValueError) as exc:
+                raise load_model_error(exc, location) from None
+        vocab = model.get_input_embeddings().num_embeddings
+        if len(tokenizer) > vocab:
+            raise ModelError(
+                f"model.tokenizer: the tokenizer has {len(tokenizer)} tokens but the model's embedding only {vocab}; "
+                f"use the model's own tokenizer"
+            )
+        if getattr(model.config, "pad_token_id", None) is None:
+            model.config.pad_token_id = tokenizer.pad_token_id
+        if getattr(model, "generation_config", None) is not None and model.generation_config.pad_token_id is None:
+            model.generation_config.pad_token_id = tokenizer.pad_token_id
+        self.tokenizer = tokenizer
+        return model
+
+    # ---- batches ------------------------------------------------------------------------
+    def collate(self, rows: dict[str, list], tokenizer) -> Batch:
+        self.tokenizer = tokenizer  # generation decodes with it
+        pads = {"input_ids": tokenizer.pad_token_id, "attention_mask": 0, "labels": IGNORE}
+        batch: Batch = pad_columns(rows, pads, self.pad_to_multiple_of)
+        for key in ("example_id", "truncated", "prompt_length", "reply_turn", "generate"):
+            batch[key] = torch.tensor(rows[key], dtype=torch.long)
+        return batch
+
+    def model_inputs(self, batch: Batch) -> dict:
+        return {"input_ids": batch["input_ids"], "attention_mask": batch["attention_mask"]}
+
+    def count_targets(self, batch: Batch) -> torch.Tensor:
+        return (batch["labels"][:, 1:] != IGNORE).sum().to(torch.float64).cpu()
+
+    def loss_sum(self, outputs, batch: Batch) -> torch.Tensor:
+        targets = batch["labels"][:, 1:]
+        supervised = targets != IGNORE
+        logits = outputs.logits[:, :-1][supervised]
+        return F.cross_entropy(logits.float(), targets[supervised], reduction="sum")
+
+    def describe_batch(self, batch: Batch, tokenizer) -> list[str]:
+        """Each conversation decoded, the supervised tokens inside [[ ]]."""
+        lines = []
+        for ids, labels, mask in zip(batch["input_ids"].tolist(), batch["labels"].tolist(),
+                                     batch["attention_mask"].tolist()):
+            length = sum(mask)
+            pieces, run, run_supervised = [], [], None
+            for token, label in zip(ids[:length], labels[:length]):
+                supervised = label != IGNORE
+                if run and supervised != run_supervised:
+                    pieces.append(_show(tokenizer, run, run_supervised))
+                    run = []
+                run.append(token)
+                run_supervised = supervised
+            if run:
+                pieces.append(_show(tokenizer, run, run_supervised))
+            targets = sum(1 for label in labels[1:length] if label != IGNORE)
+            lines.append(f"[{length} tokens, {targets} supervised] {''.join(pieces)!r}")
+        return lines
+
+    # ---- evaluation ---------------------------------------------------------------------
+    def predict_batch(self, model, batch: Batch, accelerator) -> list[Record]:
+        records = self.records(model(**self.model_inputs(batch)), batch)
+        # The generate flag is the same for every row of a split (see clean_split): every rank takes
+        # the same branch for every batch.
+        if self.sft.generate_max_new_tokens and bool(batch["generate"].any()):
+            for record, text in zip(records, self._generate(model, batch, accelerator)):
+                record["generated"] = text
+        return records
+
+    def records(self, outputs, batch: Batch) -> list[Record]:
+        losses = token_losses(outputs.logits, batch["labels"])
+        counts = (batch["labels"][:, 1:] != IGNORE).sum(-1)
+        return [
+            {"id": int(i), "nll": float(nll), "tokens": int(n), "truncated": bool(t), "reply_turn": int(turn)}
+            for i, nll, n, t, turn in zip(batch["example_id"].tolist(), losses.sum(-1).tolist(), counts.tolist(),
+                                          batch["truncated"].tolist(), batch["reply_turn"].tolist())
+        ]
+
+    def _generate(self, model, batch: Batch, accelerator) -> list[str]:
+        from ..engine.weights import is_zero3
+
+        tokenizer = self.tokenizer
+        lengths = batch["prompt_length"].tolist()
+        width = max(lengths)
+        ids = batch["input_ids"].new_full((len(lengths), width), tokenizer.pad_token_id)
+        mask = torch.zeros_like(ids)
+        for row, length in enumerate(lengths):  # left padding: every prompt ends where generation starts
+            ids[row, width - length:] = batch["input_ids"][row, :length]
+            mask[row, width - length:] = 1
+        module = accelerator.unwrap_model(model)
+        eos = [tokenizer.eos_token_id] if tokenizer.eos_token_id is not None else []
+        configured = getattr(getattr(module, "generation_config", None), "eos_token_id", None)
+        eos += [configured] if isinstance(configured, int) else list(configured or [])
+        options = {}
+        if self.recipe.finetune.method == "prefix_tuning":
+            # The prefix hook hands the model a fresh cache holding only the prefix on every call, so
+            # generation must not rely on its own cache.
+            options["use_cache"] = False
+        output = module.generate(
+            input_ids=ids, attention_mask=mask, max_new_tokens=self.sft.generate_max_new_tokens, do_sample=False,
+            pad_token_id=tokenizer.pad_token_id, eos_token_id=sorted(set(eos)) or None,
+            synced_gpus=accelerator.num_processes > 1 and is_zero3(model), **options,
+        )
+        return [text.strip() for text in tokenizer.batch_decode(output[:, width:], skip_special_tokens=True)]
+
+    def compute_metrics(self, records: list[Record]) -> dict:
+        from ..text_metrics import perplexity
+
+        nll = math.fsum(r["nll"] for r in records)
+        tokens = sum(r["tokens"] for r in records)
+        results: dict = {"loss": nll / tokens if tokens else float("nan")}
+        if "perplexity" in (self.recipe.evaluation.metrics or self.default_metrics):
+            results["perplexity"] = perplexity(nll, tokens)
+        results.update({"num_examples": len(records), "num_tokens": tokens,
+                        "truncated": sum(1 for r in records if r["truncated"]), "data": self.report})
+        generated = sum(1 for r in records if r.get("generated") is not None)
+        if generated:
+            results["generated"] = generated
+        return results
+
+    def prediction_rows(self, records: list[Record], raw_split) -> list[dict]:
+        data = self.recipe.data
+        conversations = raw_split[data.text_column]
+        rows = []
+        for r in records:
+            messages = normalize_conversation(conversations[r["id"]], f"row {r['id']}", data.text_column,
+                                              self.sft.system_prompt)
+            turn = r["reply_turn"]
+            rows.append({
+                "id": r["id"],
+                "prompt": messages[:turn] if turn >= 0 else messages,
+                "reference": messages[turn]["content"] if turn >= 0 else None,
+                "generated": r.get("generated"),
+                "loss": r["nll"] / r["tokens"] if r["tokens"] else None,
+                "tokens": r["tokens"],
+                "truncated": r["truncated"],
+            })
+        return rows
+
+
+def _show(tokenizer, ids: list[int], supervised: bool) -> str:
+    text = tokenizer.decode(ids)
+    return f"[[{text}]]" if supervised else text
