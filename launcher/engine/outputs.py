@@ -76,8 +76,21 @@ def _flatten(data, prefix="") -> dict:
     return flat
 
 
+def _normalized(saved: dict) -> dict:
+    """A saved recipe as the current schema reads it: fields added since it was written take their
+    defaults, so a run directory from an older launcher version compares on what its user set."""
+    from pydantic import ValidationError
+
+    from ..recipe import Recipe
+
+    try:
+        return Recipe.model_validate(saved).model_dump(mode="json")
+    except ValidationError:
+        return saved  # no longer a valid recipe: compare it as written
+
+
 def recipe_differences(saved: dict, current: dict) -> list[str]:
-    old, new = _flatten(saved), _flatten(current)
+    old, new = _flatten(_normalized(saved)), _flatten(current)
     keys = sorted((set(old) | set(new)) - RESUME_MAY_CHANGE)
     return [f"{k}: {old.get(k)!r} -> {new.get(k)!r}" for k in keys if old.get(k) != new.get(k)]
 
