@@ -168,7 +168,9 @@ class EvaluationSection(_Section):
         description="Metric that picks the best checkpoint, e.g. `accuracy`, `f1_macro` or `loss`. "
         "When set, the exported model and the test run use the best validation weights.",
     )
-    greater_is_better: bool | None = Field(None, description="Direction of best_metric (default: False for loss, else True).")
+    greater_is_better: bool | None = Field(
+        None, description="Direction of best_metric (default: the task's - lower wins for loss and perplexity, higher for the rest)."
+    )
     early_stopping_patience: int | None = Field(
         None, gt=0, description="Stop after this many evaluations without improvement of best_metric."
     )

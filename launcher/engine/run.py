@@ -466,9 +466,7 @@ class FineTuneRun:
             self.log.event({"event": "eval", "split": "validation", "step": state.step, **_scalars(metrics)})
             if evaluation.best_metric:
                 value = metrics[evaluation.best_metric]
-                greater = evaluation.greater_is_better
-                if greater is None:
-                    greater = evaluation.best_metric != "loss"
+                greater = self.task.best_is_greater()
                 best = state.best
                 improved = [best is None or (value > best["value"] if greater else value < best["value"])]
         if not evaluation.best_metric:

@@ -31,6 +31,7 @@ class Task:
     # metric name (evaluation.metrics entry) -> the scalar keys it produces (for best_metric)
     metric_keys: ClassVar[dict[str, list[str]]]
     default_metrics: ClassVar[tuple[str, ...]] = ()  # evaluation.metrics when the recipe names none
+    lower_is_better: ClassVar[frozenset[str]] = frozenset({"loss"})  # metric keys where smaller wins
     pipeline_task: ClassVar[str | None] = None
 
     def __init__(self, recipe: Recipe):
@@ -44,6 +45,13 @@ class Task:
 
     def fit(self, train) -> None:
         """Learn whatever the task needs from the training split (e.g. the label set)."""
+
+    def best_is_greater(self) -> bool:
+        """Direction of evaluation.best_metric: the recipe's greater_is_better, else the task's."""
+        evaluation = self.recipe.evaluation
+        if evaluation.greater_is_better is not None:
+            return evaluation.greater_is_better
+        return evaluation.best_metric not in self.lower_is_better
 
     def cache_inputs(self) -> dict:
         """Recipe settings besides data.* that shape the features (part of the data cache key)."""

@@ -261,6 +261,7 @@ def _is_main_process() -> bool:
 
 class CausalLMSFTTask(Task):
     name = "causal_lm_sft"
+    lower_is_better = frozenset({"loss", "perplexity"})
     registered = True
     auto_model_class = "AutoModelForCausalLM"
     peft_task_type = "CAUSAL_LM"
@@ -284,10 +285,10 @@ class CausalLMSFTTask(Task):
                 f"evaluation.metrics: {hub[0]} is not available for causal_lm_sft (it scores classifications); "
                 f"use evaluation.metrics: [perplexity]"
             )
-        if evaluation.best_metric == "perplexity" and evaluation.greater_is_better is not False:
+        if evaluation.best_metric == "perplexity" and evaluation.greater_is_better:
             raise RecipeError(
-                "evaluation.best_metric=perplexity: lower is better, but the default direction for a metric other than "
-                "loss is higher; set evaluation.greater_is_better=false (or use best_metric: loss)"
+                "evaluation.best_metric=perplexity with greater_is_better=true would keep the worst model; "
+                "drop greater_is_better (lower perplexity wins by default)"
             )
         if recipe.model.gguf_file and recipe.model.tokenizer is None:
             raise ModelError(

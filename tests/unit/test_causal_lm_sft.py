@@ -214,10 +214,12 @@ def test_recipe_checks_for_the_task(tiny_dir, tmp_path):
     with pytest.raises(RecipeError, match=r"evaluation.metrics\[0\]: unknown metric 'accuracy'.*available: perplexity"):
         load_recipe(path, ["evaluation.metrics=[accuracy]"])
     recipe = load_recipe(path, ["evaluation.metrics=[perplexity]", "evaluation.best_metric=perplexity"])
-    with pytest.raises(RecipeError, match="evaluation.best_metric=perplexity: lower is better.*greater_is_better=false"):
-        TASKS["causal_lm_sft"](recipe)
+    assert TASKS["causal_lm_sft"](recipe).best_is_greater() is False  # lower perplexity wins by default
     recipe = load_recipe(path, ["evaluation.metrics=[perplexity]", "evaluation.best_metric=perplexity",
-                                "evaluation.greater_is_better=false", "sft.system_prompt=hi"])
+                                "evaluation.greater_is_better=true"])
+    with pytest.raises(RecipeError, match="greater_is_better=true would keep the worst model"):
+        TASKS["causal_lm_sft"](recipe)
+    recipe = load_recipe(path, ["evaluation.metrics=[perplexity]", "sft.system_prompt=hi"])
     assert TASKS["causal_lm_sft"](recipe).sft.system_prompt == "hi"
     gguf = load_recipe(path, ["evaluation.metrics=[perplexity]", "model.gguf_file=m.gguf"])
     with pytest.raises(ModelError, match="model.tokenizer: a GGUF model .* needs its tokenizer as a directory"):
