@@ -79,7 +79,7 @@ def build_parser() -> argparse.ArgumentParser:
     check = sub.add_parser("check", help="validate a recipe and print it fully resolved")
     _add_recipe_args(check)
 
-    schema = sub.add_parser("schema", help="print the recipe reference (every field, generated from the schema)")
+    sub.add_parser("schema", help="print the recipe reference (every field, generated from the schema)")
     return parser
 
 

@@ -75,3 +75,16 @@ def load_tokenizer(recipe: Recipe):
 def load_model_error(exc: Exception, location: str) -> ModelError:
     first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
     return ModelError(f"model.name_or_path: could not load a model from {location} ({first})")
+
+
+def load_pretrained_model(auto_class: str, location: str, recipe: Recipe, **kwargs):
+    """``transformers.<auto_class>.from_pretrained(location)`` with the recipe's trust/revision settings;
+    a load failure becomes a one-line ModelError naming the location."""
+    import transformers
+
+    try:
+        return getattr(transformers, auto_class).from_pretrained(
+            location, trust_remote_code=recipe.model.trust_remote_code, revision=recipe.model.revision, **kwargs
+        )
+    except (OSError, ValueError) as exc:
+        raise load_model_error(exc, location) from None

@@ -25,7 +25,7 @@ def debug_overrides(recipe) -> list[str]:
         f"training.max_steps={DEBUG_STEPS}",
         "training.global_batch_size=null",
         f"training.grad_accum_steps={accum}",
-        f"training.log_every=1",
+        "training.log_every=1",
         f"data.max_train_samples={micro * accum * DEBUG_STEPS}",
         f"data.max_eval_samples={2 * eval_batch}",
         "evaluation.every_steps=null",

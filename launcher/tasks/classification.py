@@ -13,7 +13,7 @@ import torch.nn.functional as F
 
 from ..errors import DataError
 from ..metrics import CLASSIFICATION_KEYS, compute_classification_metrics
-from ..model_io import load_model_error
+from ..model_io import load_pretrained_model
 from .base import Batch, Record, Task, load_pretrained_config, pad_columns
 
 
@@ -134,20 +134,10 @@ class SequenceClassificationTask(Task):
         }
 
     def build_model(self, tokenizer):
-        import transformers
-
         location, config = load_pretrained_config(self.recipe, **self.model_config_kwargs())
         if getattr(config, "pad_token_id", None) is None:
             config.pad_token_id = tokenizer.pad_token_id  # needed to find the last token in GPT-style heads
-        try:
-            return getattr(transformers, self.auto_model_class).from_pretrained(
-                location,
-                config=config,
-                trust_remote_code=self.recipe.model.trust_remote_code,
-                revision=self.recipe.model.revision,
-            )
-        except (OSError, ValueError) as exc:
-            raise load_model_error(exc, location) from None
+        return load_pretrained_model(self.auto_model_class, location, self.recipe, config=config)
 
     # ---- batches ------------------------------------------------------------------------
     def collate(self, rows: dict[str, list], tokenizer) -> Batch:

@@ -110,17 +110,9 @@ class PromptClassificationTask(SequenceClassificationTask):
         return {}
 
     def build_model(self, tokenizer):
-        import transformers
+        from ..model_io import load_pretrained_model, model_location
 
-        from ..model_io import load_model_error, model_location
-
-        location = model_location(self.recipe)
-        try:
-            model = getattr(transformers, self.auto_model_class).from_pretrained(
-                location, trust_remote_code=self.recipe.model.trust_remote_code, revision=self.recipe.model.revision
-            )
-        except (OSError, ValueError) as exc:
-            raise load_model_error(exc, location) from None
+        model = load_pretrained_model(self.auto_model_class, model_location(self.recipe), self.recipe)
         self.verbalizer = torch.tensor(self.verbalizer_ids(tokenizer))
         self.mask_token_id = tokenizer.mask_token_id
         return model

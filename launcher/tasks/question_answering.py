@@ -42,7 +42,7 @@ import torch
 import torch.nn.functional as F
 
 from ..errors import DataError, ModelError, RecipeError
-from ..model_io import load_model_error
+from ..model_io import load_pretrained_model
 from ..recipe import QuestionAnsweringSection
 from ..text_metrics import squad_scores
 from .base import Batch, Record, Task, load_pretrained_config, pad_columns
@@ -346,18 +346,8 @@ class QuestionAnsweringTask(Task):
         return {"num_labels": 2}  # qa_outputs: one start and one end logit per token
 
     def build_model(self, tokenizer):
-        import transformers
-
         location, config = load_pretrained_config(self.recipe, **self.model_config_kwargs())
-        try:
-            return getattr(transformers, self.auto_model_class).from_pretrained(
-                location,
-                config=config,
-                trust_remote_code=self.recipe.model.trust_remote_code,
-                revision=self.recipe.model.revision,
-            )
-        except (OSError, ValueError) as exc:
-            raise load_model_error(exc, location) from None
+        return load_pretrained_model(self.auto_model_class, location, self.recipe, config=config)
 
     # ---- batches ------------------------------------------------------------------------
     def collate(self, rows: dict[str, list], tokenizer) -> Batch:

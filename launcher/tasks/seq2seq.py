@@ -26,7 +26,7 @@ import torch
 import torch.nn.functional as F
 
 from ..errors import DataError, ModelError
-from ..model_io import load_model_error
+from ..model_io import load_pretrained_model
 from ..text_metrics import bleu_score, rouge_scores
 from .base import Batch, Record, Task, load_pretrained_config, pad_columns
 
@@ -107,8 +107,6 @@ class Seq2SeqTask(Task):
 
     # ---- model --------------------------------------------------------------------------
     def build_model(self, tokenizer):
-        import transformers
-
         location, config = load_pretrained_config(self.recipe)
         if not getattr(config, "is_encoder_decoder", False):
             raise ModelError(
@@ -122,15 +120,7 @@ class Seq2SeqTask(Task):
                 f"which builds the decoder inputs from the targets; add it to its config.json (T5: the pad token "
                 f"id, BART: the eos token id)"
             )
-        try:
-            model = transformers.AutoModelForSeq2SeqLM.from_pretrained(
-                location,
-                config=config,
-                trust_remote_code=self.recipe.model.trust_remote_code,
-                revision=self.recipe.model.revision,
-            )
-        except (OSError, ValueError) as exc:
-            raise load_model_error(exc, location) from None
+        model = load_pretrained_model("AutoModelForSeq2SeqLM", location, self.recipe, config=config)
         vocab = model.get_input_embeddings().num_embeddings
         if len(tokenizer) > vocab:
             key = "model.tokenizer" if self.recipe.model.tokenizer else "model.name_or_path"
