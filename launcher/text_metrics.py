@@ -206,9 +206,7 @@ def normalize_answer(text: str) -> str:
     return " ".join(_ARTICLES.sub(" ", text).split())
 
 
-def _squad_f1_v1(prediction: str, gold: str) -> float:
-    prediction_tokens = normalize_answer(prediction).split()
-    gold_tokens = normalize_answer(gold).split()
+def _token_overlap_f1(prediction_tokens: list[str], gold_tokens: list[str]) -> float:
     common = collections.Counter(prediction_tokens) & collections.Counter(gold_tokens)
     num_same = sum(common.values())
     if num_same == 0:
@@ -218,19 +216,17 @@ def _squad_f1_v1(prediction: str, gold: str) -> float:
     return (2 * precision * recall) / (precision + recall)
 
 
+def _squad_f1_v1(prediction: str, gold: str) -> float:
+    return _token_overlap_f1(normalize_answer(prediction).split(), normalize_answer(gold).split())
+
+
 def _squad_f1_v2(gold: str, prediction: str) -> float:
     gold_tokens = normalize_answer(gold).split() if gold else []
     prediction_tokens = normalize_answer(prediction).split() if prediction else []
     if not gold_tokens or not prediction_tokens:
         # An empty answer (no-answer) scores 1 against an empty answer, 0 against anything else.
         return int(gold_tokens == prediction_tokens)
-    common = collections.Counter(gold_tokens) & collections.Counter(prediction_tokens)
-    num_same = sum(common.values())
-    if num_same == 0:
-        return 0
-    precision = 1.0 * num_same / len(prediction_tokens)
-    recall = 1.0 * num_same / len(gold_tokens)
-    return (2 * precision * recall) / (precision + recall)
+    return _token_overlap_f1(prediction_tokens, gold_tokens)
 
 
 def squad_scores(
