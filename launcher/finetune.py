@@ -224,6 +224,11 @@ def save_weights(module: nn.Module, directory: Path, state: dict, recipe, task) 
         # otherwise "revert" load-time renamings, and under ZeRO-3 it records the legacy
         # LayerNorm.weight -> gamma renaming, exporting keys no plain BERT has.
         module.save_pretrained(directory, state_dict=state, safe_serialization=True, save_original_format=False)
+    if getattr(recipe.model, "gguf_file", None) and meta["base_model"] is not None:
+        # The base is a GGUF file: name its directory and file, which is how it reloads.
+        from .tasks.causal_lm_sft import gguf_location
+
+        meta["base_model"], meta["gguf_file"] = gguf_location(recipe)
     (directory / EXPORT_META).write_text(json.dumps(meta, indent=2) + "\n")
 
 
@@ -263,7 +268,13 @@ def load_exported(directory: str | Path, device: str = "cpu"):
     config = dict(meta.get("config") or {})
     if "id2label" in config:
         config["id2label"] = {int(k): v for k, v in config["id2label"].items()}
-    base = auto.from_pretrained(meta["base_model"], **config)
+    if meta.get("gguf_file"):
+        from .tasks.causal_lm_sft import drop_gguf_quantization
+
+        base = auto.from_pretrained(meta["base_model"], gguf_file=meta["gguf_file"], **config)
+        drop_gguf_quantization(base)  # dequantized on load; a merged export must save as a plain model
+    else:
+        base = auto.from_pretrained(meta["base_model"], **config)
     if len(tokenizer) > base.get_input_embeddings().num_embeddings:
         # The task added tokens (relation_extraction's entity markers) and resized the embeddings; peft
         # saved the grown matrix with the adapter, which loads only into a base of the same size.

@@ -49,7 +49,7 @@ import torch
 import torch.nn.functional as F
 
 from ..errors import DataError, ModelError, RecipeError
-from ..model_io import load_model_error, load_tokenizer
+from ..model_io import load_model_error, load_pretrained_model, load_tokenizer
 from ..recipe import SFTSection
 from .base import Batch, Record, Task, load_pretrained_config, pad_columns
 
@@ -417,13 +417,7 @@ class CausalLMSFTTask(Task):
             drop_gguf_quantization(model)
         else:
             location, config = load_pretrained_config(recipe)
-            try:
-                model = AutoModelForCausalLM.from_pretrained(
-                    location, config=config, trust_remote_code=recipe.model.trust_remote_code,
-                    revision=recipe.model.revision,
-                )
-            except (OSError, ValueError) as exc:
-                raise load_model_error(exc, location) from None
+            model = load_pretrained_model("AutoModelForCausalLM", location, recipe, config=config)
         vocab = model.get_input_embeddings().num_embeddings
         if len(tokenizer) > vocab:
             raise ModelError(

@@ -316,9 +316,9 @@ def _real_assets_missing() -> str | None:
 @pytest.mark.slow
 @pytest.mark.skipif(_real_assets_missing() is not None, reason=str(_real_assets_missing()))
 def test_smollm2_gguf_fine_tunes_on_chatterbot(tmp_path):
-    """The shipped recipe, shrunk: GGUF weights load dequantized and untied-from-quantization, the GGUF's
-    ChatML tokenizer supervises exactly the replies and <|im_end|>, two steps train, evaluation reports
-    perplexity and generates replies."""
+    """The shipped recipe, shrunk and with LoRA: GGUF weights load dequantized and untied-from-quantization,
+    the GGUF's ChatML tokenizer supervises exactly the replies and <|im_end|>, two steps train, evaluation
+    reports perplexity and generates replies, and the adapter export reloads onto the GGUF base."""
     from transformers import AutoTokenizer
 
     from launcher.recipe import load_recipe
@@ -345,7 +345,8 @@ def test_smollm2_gguf_fine_tunes_on_chatterbot(tmp_path):
                  "data.max_train_samples=8", "data.max_length=64", "training.max_steps=2", "training.micro_batch_size=2",
                  "training.global_batch_size=4", "training.warmup_ratio=0", "training.log_every=1",
                  "evaluation.every_steps=null", "evaluation.best_metric=null", "evaluation.micro_batch_size=4",
-                 "sft.generate_max_new_tokens=8", "output.export_model=false", f"output.dir={tmp_path / 'run'}"]
+                 "sft.generate_max_new_tokens=8", "finetune.method=lora", "training.learning_rate=1e-3",
+                 f"output.dir={tmp_path / 'run'}"]
     recipe = load_recipe(REPO / "recipes" / "dialogue_chatterbot.yaml", overrides)
     from accelerate.state import AcceleratorState
 
@@ -359,6 +360,16 @@ def test_smollm2_gguf_fine_tunes_on_chatterbot(tmp_path):
         assert module.lm_head.weight is module.get_input_embeddings().weight  # still tied after loading
         run.train()
         results = run.finish()
+        # The LoRA export names the GGUF base and reloads onto it (dequantized again) with the same outputs.
+        from launcher.finetune import load_exported
+
+        reloaded, _ = load_exported(tmp_path / "run" / "model")
+        ids = torch.tensor([encoded.input_ids])
+        module.eval()
+        with torch.no_grad():
+            torch.testing.assert_close(reloaded(input_ids=ids).logits, module(input_ids=ids).logits, rtol=1e-4, atol=1e-4)
+        trained_b = [p for n, p in reloaded.named_parameters() if "lora_B" in n]
+        assert trained_b and any(p.abs().sum() > 0 for p in trained_b)  # the adapter moved off its zero init
     finally:
         run.close()
         AcceleratorState._reset_state(True)
