@@ -19,7 +19,7 @@ from .errors import DataError
 from .paths import resolve_path
 from .recipe import Recipe, recipe_base_dir
 
-CACHE_VERSION = 2
+CACHE_VERSION = 3
 SPLITS = ("train", "validation", "test")
 _FORMATS = {
     ".csv": ("csv", {}),
@@ -38,6 +38,18 @@ class PreparedData:
     sources: dict = field(default_factory=dict)  # split -> where it came from (for messages)
     dropped: dict = field(default_factory=dict)  # split -> rows dropped (data.drop_other_labels)
     cached: dict = field(default_factory=dict)  # split -> True if features came from the cache
+    truncated: dict = field(default_factory=dict)  # split -> examples cut at a length limit (tasks that mark them)
+
+
+def count_truncated(features) -> int | None:
+    """How many features the task marked as cut at a length limit (None: the task does not mark them)."""
+    from .tasks.base import CUT_COLUMN
+
+    if CUT_COLUMN not in features.column_names:
+        return None
+    import pyarrow.compute as pc
+
+    return int(pc.sum(features.data.column(CUT_COLUMN)).as_py() or 0)
 
 
 def _quiet_datasets() -> None:
@@ -325,7 +337,7 @@ def _load_prepared(directory: Path, task) -> PreparedData:
 
     meta = json.loads((directory / "meta.json").read_text())
     task.restore_fitted(meta["task"])
-    prepared = PreparedData(sources=meta["sources"], dropped=meta["dropped"])
+    prepared = PreparedData(sources=meta["sources"], dropped=meta["dropped"], truncated=meta["truncated"])
     for name in meta["splits"]:
         prepared.raw[name] = datasets.load_from_disk(str(directory / f"raw-{name}"))
         prepared.features[name] = datasets.load_from_disk(str(directory / f"features-{name}"))
@@ -344,7 +356,7 @@ def _save_prepared(prepared: PreparedData, task, directory: Path) -> None:
             prepared.raw[name].save_to_disk(str(staging / f"raw-{name}"))
             prepared.features[name].save_to_disk(str(staging / f"features-{name}"))
         meta = {"splits": list(prepared.raw), "sources": prepared.sources, "dropped": prepared.dropped,
-                "task": task.fitted_state()}
+                "truncated": prepared.truncated, "task": task.fitted_state()}
         (staging / "meta.json").write_text(json.dumps(meta))  # written last: marks the entry complete
         os.replace(staging, directory)
     except OSError:
@@ -376,6 +388,9 @@ def prepare_data(recipe: Recipe, task, tokenizer, main_process_first=None) -> Pr
                 encode, batched=True, with_indices=True, remove_columns=dataset.column_names,
                 keep_in_memory=True, desc=f"tokenizing {name}",
             )
+            cut = count_truncated(prepared.features[name])
+            if cut is not None:
+                prepared.truncated[name] = cut
         if entry is not None:
             _save_prepared(prepared, task, entry)
             reloaded = _load_prepared(entry, task)  # memory-mapped, like every later run

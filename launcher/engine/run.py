@@ -207,6 +207,9 @@ class FineTuneRun:
             f"steps: {self.total_steps} ({self.steps_per_epoch} per epoch, {tail} examples per epoch fall off "
             f"the last incomplete global batch), warmup {warmup}"
         )
+        if any(data.truncated.values()):
+            cut = ", ".join(f"{name} {count} of {len(data.features[name])}" for name, count in data.truncated.items())
+            log.info(f"truncated at {self.task.length_limits()}: {cut} (raise the limit to keep more of each example)")
         log.info(f"parameters: {trainable:,} trainable of {total:,} ({100 * trainable / max(total, 1):.2f}%; "
                  f"finetune.method {self.recipe.finetune.method})")
         if self.start.resume_from is None:
@@ -214,7 +217,8 @@ class FineTuneRun:
                        **batch.as_dict(), "total_steps": self.total_steps, "steps_per_epoch": self.steps_per_epoch,
                        "trainable_parameters": trainable, "parameters": total,
                        "trainable_share": trainable / max(total, 1), "finetune_method": self.recipe.finetune.method,
-                       "examples": {k: len(v) for k, v in data.features.items()}, "dropped": data.dropped})
+                       "examples": {k: len(v) for k, v in data.features.items()}, "dropped": data.dropped,
+                       "truncated": data.truncated})
         self._write_status("running")
 
     def _write_status(self, state: str, **extra) -> None:

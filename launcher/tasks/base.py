@@ -69,6 +69,10 @@ class Task:
         Returns (dataset, number_of_dropped_rows)."""
         return dataset, 0
 
+    def length_limits(self) -> str:
+        """The recipe settings that cut examples (for the truncation report)."""
+        return f"data.max_length={self.recipe.data.max_length}"
+
     def encoder(self, tokenizer):
         """A batched ``datasets.map`` function ``(rows, indices) -> features``. Each feature row
         carries ``example_id``: the index of its raw row in the split."""
@@ -131,6 +135,19 @@ class Task:
 
     def prediction_rows(self, records: list[Record], raw_split) -> list[dict]:
         raise NotImplementedError
+
+
+# Feature column a task may add: True where tokenization cut the example at a length limit. Data
+# preparation counts it per split and the run reports the counts (truncation is never silent).
+CUT_COLUMN = "cut_at_max_length"
+
+
+def truncated_flags(encoded, max_length: int) -> list[bool]:
+    """Which rows of a ``tokenizer(..., truncation=True, max_length=...)`` call lost tokens."""
+    encodings = getattr(encoded, "encodings", None)
+    if encodings:  # fast tokenizers keep what truncation cut off
+        return [bool(e.overflowing) for e in encodings]
+    return [len(ids) >= max_length for ids in encoded["input_ids"]]  # slow ones: rows at the limit
 
 
 def pad_columns(rows: dict[str, list], pad_values: dict[str, int], multiple: int = 1) -> dict[str, torch.Tensor]:

@@ -14,7 +14,7 @@ import torch.nn.functional as F
 from ..errors import DataError
 from ..metrics import CLASSIFICATION_KEYS, compute_classification_metrics
 from ..model_io import load_pretrained_model
-from .base import Batch, Record, Task, load_pretrained_config, pad_columns
+from .base import CUT_COLUMN, Batch, Record, Task, load_pretrained_config, pad_columns, truncated_flags
 
 
 def _label_key(value) -> str:
@@ -118,6 +118,7 @@ class SequenceClassificationTask(Task):
         def encode(rows, indices):
             pairs = rows[data.text_pair_column] if data.text_pair_column else None
             features = tokenizer(rows[data.text_column], pairs, truncation=True, max_length=data.max_length)
+            features[CUT_COLUMN] = truncated_flags(features, data.max_length)
             features["labels"] = [label_to_id[_label_key(v)] for v in rows[data.label_column]]
             features["example_id"] = list(indices)
             return features

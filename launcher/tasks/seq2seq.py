@@ -28,7 +28,7 @@ import torch.nn.functional as F
 from ..errors import DataError, ModelError
 from ..model_io import load_pretrained_model
 from ..text_metrics import bleu_score, rouge_scores
-from .base import Batch, Record, Task, load_pretrained_config, pad_columns
+from .base import CUT_COLUMN, Batch, Record, Task, load_pretrained_config, pad_columns, truncated_flags
 
 ROUGE_KEYS = ["rouge1", "rouge2", "rougeL", "rougeLsum"]
 SEQ2SEQ_KEYS = {"rouge": ROUGE_KEYS, "bleu": ["bleu"]}
@@ -86,6 +86,10 @@ class Seq2SeqTask(Task):
                     )
         return dataset, 0
 
+    def length_limits(self) -> str:
+        return (f"data.max_length={self.recipe.data.max_length} (source) or generation.max_target_length="
+                f"{self.generation.max_target_length} (target)")
+
     def encoder(self, tokenizer):
         data, generation = self.recipe.data, self.generation
         prefix = generation.source_prefix
@@ -101,6 +105,8 @@ class Seq2SeqTask(Task):
                 "labels": targets["input_ids"],
                 "reference": list(rows[data.label_column]),  # metrics score against the full text
                 "example_id": list(indices),
+                CUT_COLUMN: [source or target for source, target in zip(
+                    truncated_flags(encoded, data.max_length), truncated_flags(targets, generation.max_target_length))],
             }
 
         return encode

@@ -129,3 +129,26 @@ def test_check_prints_the_resolved_recipe(assets, isolated_env, tmp_path):
     result = run_launcher(["check", str(path), "training.learning_rate=0.01"], isolated_env)
     check_ok(result)
     assert yaml.safe_load(result.stdout)["training"]["learning_rate"] == 0.01
+
+
+def test_truncation_is_reported_not_silent(assets, isolated_env, tmp_path):
+    """Examples cut at data.max_length are counted per split, in the log and in the start event."""
+    import csv
+
+    from transformers import AutoTokenizer
+
+    limit = 10
+    tokenizer = AutoTokenizer.from_pretrained(assets["model"])
+    expected, totals = {}, {}
+    for split in ("train", "validation", "test"):
+        with open(assets[split], newline="", encoding="utf-8") as handle:
+            lengths = [len(tokenizer(row["text"])["input_ids"]) for row in csv.DictReader(handle)]
+        expected[split], totals[split] = sum(n > limit for n in lengths), len(lengths)
+    assert 0 < expected["train"] < totals["train"]  # the toy data has both kinds at this limit
+
+    recipe = toy_recipe_dict(assets, tmp_path / "run", data={"max_length": limit}, training={"max_steps": 2})
+    result = run_launcher(["train", str(write_recipe(tmp_path / "recipe.yaml", recipe))], isolated_env)
+    check_ok(result)
+    start = read_events(tmp_path / "run", "start")[0]
+    assert start["truncated"] == expected
+    assert f"truncated at data.max_length={limit}: train {expected['train']} of {start['examples']['train']}" in result.stdout

@@ -183,6 +183,26 @@ def test_tokenized_features_are_cached(tmp_path, assets):
     assert max(len(ids) for ids in third.features["train"]["input_ids"]) == 4
 
 
+def test_truncated_examples_are_counted_per_split_and_survive_the_cache(tmp_path, assets):
+    long = " ".join(["wonderful"] * 40)
+    rows = ROWS[:20] + [(long, "positive"), (long, "negative"), (long, "positive")]
+    train = write_csv(tmp_path / "train.csv", rows)
+    validation = write_csv(tmp_path / "validation.csv", ROWS[20:30] + [(long, "negative")])
+    recipe = make_recipe(tmp_path, assets, train=str(train), validation=str(validation), max_length=16)
+    _, first = prepare(recipe)
+    assert first.truncated == {"train": 3, "validation": 1}
+    flags = first.features["train"]["cut_at_max_length"]
+    assert [i for i, cut in enumerate(flags) if cut] == [20, 21, 22]
+    assert all(len(ids) <= 16 for ids in first.features["train"]["input_ids"])
+    _, second = prepare(recipe)
+    assert all(second.cached.values()) and second.truncated == first.truncated
+    # An example exactly at the limit lost nothing: it is not counted.
+    exact = make_recipe(tmp_path, assets, train=str(train), validation=str(validation), max_length=42)
+    _, third = prepare(exact)
+    lengths = [len(ids) for ids in third.features["train"]["input_ids"]]
+    assert max(lengths) == 42 and third.truncated == {"train": 0, "validation": 0}
+
+
 def test_dynamic_padding_pads_to_the_longest_in_the_batch(tmp_path, assets):
     recipe = make_recipe(tmp_path, assets, train=assets["train"], validation_size=0)
     task, data = prepare(recipe)
