@@ -13,7 +13,7 @@ from ..recipe import Recipe, load_recipe
 from .evaluate import predict
 from .log import RankLog
 from .outputs import check_writable, write_json_atomic, write_jsonl_atomic
-from .setup import build_accelerator, plan_topology
+from .setup import build_accelerator, plan_topology, shutdown_distributed
 
 
 def eval_recipe(recipe_path: str, overrides: list[str], checkpoint: Path | None) -> Recipe:
@@ -33,15 +33,22 @@ def eval_recipe(recipe_path: str, overrides: list[str], checkpoint: Path | None)
 
 def run_evaluation(recipe_path: str, overrides: list[str], split: str, checkpoint: Path | None,
                    output: Path | None) -> dict | None:
+    recipe = eval_recipe(recipe_path, overrides, checkpoint)
+    topology = plan_topology(recipe)
+    accelerator = build_accelerator(recipe, topology)
+    try:
+        return _evaluate(recipe, split, checkpoint, output, accelerator)
+    finally:
+        shutdown_distributed(accelerator)
+
+
+def _evaluate(recipe, split: str, checkpoint: Path | None, output: Path | None, accelerator) -> dict | None:
     from accelerate.utils import set_seed
 
     from ..model_io import load_tokenizer
     from ..tasks import TASKS
     from ..tasks.prompting import PromptClassificationTask
 
-    recipe = eval_recipe(recipe_path, overrides, checkpoint)
-    topology = plan_topology(recipe)
-    accelerator = build_accelerator(recipe, topology)
     log = RankLog(accelerator.process_index, accelerator.num_processes)
     set_seed(recipe.training.seed)
     task = PromptClassificationTask(recipe) if recipe.prompt is not None else TASKS[recipe.task](recipe)
@@ -80,5 +87,4 @@ def run_evaluation(recipe_path: str, overrides: list[str], split: str, checkpoin
         log.info(f"{split}: {_summary(metrics, task)}")
         log.info(f"metrics: {out_dir / f'{split}.json'}")
     accelerator.wait_for_everyone()
-    accelerator.end_training()
     return result

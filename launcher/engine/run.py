@@ -547,11 +547,11 @@ class FineTuneRun:
     def close(self) -> None:
         accelerator = getattr(self, "accelerator", None)
         if accelerator is not None:
-            accelerator.end_training()
-            import torch.distributed as dist
+            from .setup import shutdown_distributed
 
-            if dist.is_available() and dist.is_initialized():
-                dist.destroy_process_group()
+            # The model (DDP reducer / DeepSpeed engine) and the control group hold the process groups.
+            self.model = self.optimizer = self.scheduler = self._gloo_group = None
+            shutdown_distributed(accelerator)
 
 
 class _LossWindow:

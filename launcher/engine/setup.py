@@ -140,3 +140,19 @@ def check_topology(accelerator) -> None:
             f"process layout disagrees ({described}); every rank would see the wrong data shard. "
             f"Launch with `accelerate launch`, `torchrun`, or `launcher run`, and do not mix launcher configs"
         )
+
+
+def shutdown_distributed(accelerator) -> None:
+    """End a command's distributed state while the interpreter is still fully alive. Left to
+    interpreter exit, a gloo process group (kept alive by DDP's reducer or DeepSpeed's engine) is
+    destroyed during finalization and can abort the process ("terminate called without an active
+    exception", exit -6) after all the work is done - torchrun then reports the job as failed."""
+    import gc
+
+    import torch.distributed as dist
+
+    accelerator.free_memory()  # drops accelerate's references to the prepared model, optimizer, engine
+    gc.collect()
+    accelerator.end_training()  # (accelerate destroys its process group here)
+    if dist.is_available() and dist.is_initialized():
+        dist.destroy_process_group()
