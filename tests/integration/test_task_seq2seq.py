@@ -24,7 +24,7 @@ from pathlib import Path
 
 import pytest
 import torch
-from conftest import BIN, REPO, check_ok, free_port, read_events, run_launcher, write_recipe
+from conftest import BIN, REPO, check_ok, free_port, read_events, run_launcher, with_sections, write_recipe
 
 from launcher.errors import DataError, ModelError, RecipeError
 from launcher.recipe import load_recipe
@@ -55,12 +55,7 @@ def s2s_recipe(model: str, out_dir: Path, **sections) -> dict:
         "generation": {"max_new_tokens": MAX_NEW_TOKENS},
         "output": {"dir": str(out_dir)},
     }
-    for section, values in sections.items():
-        if isinstance(values, dict):
-            recipe.setdefault(section, {}).update(values)
-        else:
-            recipe[section] = values
-    return recipe
+    return with_sections(recipe, sections)
 
 
 def rows_of(run_dir: Path) -> list[dict]:
@@ -127,7 +122,11 @@ def test_predictions_cover_every_test_example_once(trained):
     for row, line in zip(rows, raw):
         source, reference = line.split(",")
         assert (row["source"], row["reference"]) == (source, reference)
-        assert 1 <= row["gen_len"] <= MAX_NEW_TOKENS and isinstance(row["prediction"], str)
+        assert 1 <= row["gen_len"] <= MAX_NEW_TOKENS and row["prediction"]  # a real generation, within the cap
+    # the per-row generation lengths are the ones the reported mean was computed from
+    assert metrics_of(trained)["test"]["gen_len"] == pytest.approx(sum(r["gen_len"] for r in rows) / len(rows))
+    # the model is good (BLEU > 60 above): most predictions are the reference itself
+    assert sum(r["prediction"] == r["reference"] for r in rows) > len(rows) // 2
 
 
 def test_exported_model_reloads_and_reproduces_the_predictions(trained):

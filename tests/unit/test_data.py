@@ -98,7 +98,10 @@ def test_integer_labels_and_text_pairs(tmp_path, assets):
     task, data = prepare(recipe)
     assert task.label_names == ["0", "1", "2"]
     assert data.features["train"]["labels"][:6] == [0, 1, 2, 0, 1, 2]
-    assert 1 in data.features["train"]["token_type_ids"][0]  # the pair is encoded as a second segment
+    # the pair is encoded as a second segment: segment 0 up to the first [SEP], segment 1 after it
+    ids, segments = data.features["train"]["input_ids"][0], data.features["train"]["token_type_ids"][0]
+    first_sep = ids.index(load_tokenizer(recipe).sep_token_id)
+    assert set(segments[: first_sep + 1]) == {0} and set(segments[first_sep + 1:]) == {1}
 
 
 def test_missing_column_names_the_file_and_suggests(tmp_path, assets):
