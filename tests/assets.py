@@ -42,33 +42,8 @@ def write_toy_csv(path: Path, rows: int, seed: int = 0, header=("text", "label")
 
 
 def write_tiny_bert(directory: Path, seed: int = 0, dropout: float = 0.1) -> Path:
-    import torch
-    from tokenizers import Tokenizer, models, pre_tokenizers, processors
-    from transformers import BertConfig, BertModel, PreTrainedTokenizerFast
-
-    directory.mkdir(parents=True, exist_ok=True)
-    vocab = {word: i for i, word in enumerate(SPECIAL + POSITIVE + NEGATIVE + NEUTRAL)}
-    backend = Tokenizer(models.WordLevel(vocab=vocab, unk_token="[UNK]"))
-    backend.pre_tokenizer = pre_tokenizers.WhitespaceSplit()
-    backend.post_processor = processors.TemplateProcessing(
-        single="[CLS] $A [SEP]",
-        pair="[CLS] $A [SEP] $B:1 [SEP]:1",
-        special_tokens=[("[CLS]", vocab["[CLS]"]), ("[SEP]", vocab["[SEP]"])],
-    )
-    tokenizer = PreTrainedTokenizerFast(
-        tokenizer_object=backend, unk_token="[UNK]", pad_token="[PAD]", cls_token="[CLS]",
-        sep_token="[SEP]", mask_token="[MASK]", model_max_length=64,
-        model_input_names=["input_ids", "token_type_ids", "attention_mask"],
-    )
-    tokenizer.save_pretrained(directory)
-    config = BertConfig(
-        vocab_size=len(vocab), hidden_size=32, num_hidden_layers=2, num_attention_heads=2,
-        intermediate_size=64, max_position_embeddings=64, type_vocab_size=2,
-        hidden_dropout_prob=dropout, attention_probs_dropout_prob=dropout, pad_token_id=0,
-    )
-    torch.manual_seed(seed)
-    BertModel(config).save_pretrained(directory, safe_serialization=True)
-    return directory
+    """A randomly initialised 2-layer BERT over the toy sentiment vocabulary (one word = one token)."""
+    return write_word_level_bert(directory, POSITIVE + NEGATIVE + NEUTRAL, seed=seed, dropout=dropout)
 
 
 def write_tiny_causal_lm(directory: Path, seed: int = 0) -> Path:

@@ -58,6 +58,11 @@ def toy_recipe_dict(assets: dict, out_dir: Path, **sections) -> dict:
         "training": {"epochs": 1, "micro_batch_size": 8, "learning_rate": 3e-3, "log_every": 5},
         "output": {"dir": str(out_dir)},
     }
+    return with_sections(recipe, sections)
+
+
+def with_sections(recipe: dict, sections: dict) -> dict:
+    """``recipe`` with each section's keys updated from ``sections`` (a non-dict value replaces it)."""
     for section, values in sections.items():
         if isinstance(values, dict):
             recipe.setdefault(section, {}).update(values)

@@ -223,11 +223,9 @@ class TokenClassificationTask(SequenceClassificationTask):
 
     # ---- model --------------------------------------------------------------------------
     def model_config_kwargs(self) -> dict:
-        return {
-            "num_labels": len(self.label_names),
-            "id2label": dict(enumerate(self.label_names)),
-            "label2id": dict(self.label_to_id),
-        }
+        kwargs = super().model_config_kwargs()  # the tag set as num_labels / id2label / label2id
+        del kwargs["problem_type"]  # a sequence-level setting; the token head has its own loss
+        return kwargs
 
     # ---- batches ------------------------------------------------------------------------
     def collate(self, rows: dict[str, list], tokenizer) -> Batch:

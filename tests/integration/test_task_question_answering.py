@@ -13,7 +13,7 @@ from pathlib import Path
 
 import pytest
 import torch
-from conftest import REPO, check_ok, read_events, run_launcher, write_recipe
+from conftest import REPO, check_ok, read_events, run_launcher, with_sections, write_recipe
 
 DATA = REPO / "tests" / "data" / "qa"
 NO_DROPOUT = {"hidden_dropout_prob": 0.0, "attention_probs_dropout_prob": 0.0}
@@ -34,9 +34,7 @@ def qa_recipe(assets, out_dir: Path, data_dir: Path = DATA, **sections) -> dict:
         "evaluation": {"metrics": ["exact_match", "f1"], "every_epoch": False, "micro_batch_size": 16},
         "output": {"dir": str(out_dir)},
     }
-    for section, values in sections.items():
-        recipe.setdefault(section, {}).update(values)
-    return recipe
+    return with_sections(recipe, sections)
 
 
 def predictions(run_dir: Path, name: str = "predictions/test.jsonl") -> list[dict]:

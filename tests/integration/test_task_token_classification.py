@@ -15,7 +15,7 @@ import json
 import pytest
 import torch
 from assets import words_of_jsonl, write_word_level_bert
-from conftest import REPO, check_ok, read_events, run_launcher, write_recipe
+from conftest import REPO, check_ok, read_events, run_launcher, with_sections, write_recipe
 
 from launcher.finetune import load_exported
 
@@ -48,9 +48,7 @@ def ner_recipe(model: str, out_dir, **sections) -> dict:
         "evaluation": {"every_epoch": False, "micro_batch_size": 6},
         "output": {"dir": str(out_dir)},
     }
-    for section, values in sections.items():
-        recipe.setdefault(section, {}).update(values)
-    return recipe
+    return with_sections(recipe, sections)
 
 
 @pytest.fixture(scope="module")
