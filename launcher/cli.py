@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from . import timing  # noqa: F401  (first: marks the start for start-up accounting)
+from . import timing  # noqa: F401  (first: marks the start for start-up accounting; see __init__)
 
 import argparse
 import os
@@ -10,8 +10,18 @@ import sys
 import traceback
 from pathlib import Path
 
+from .engine.eval import run_evaluation
+from .engine.run import run_training
 from .errors import EXIT_FAILURE, EXIT_OK, LauncherError, StopRequested, TrainingError
-from .recipe import STRATEGIES
+from .launch.debug import run_debug
+from .launch.local import execute, print_plan
+from .launch.plan import LaunchRequest, build_plan
+from .launch.slurm import SlurmRequest, check_request, sbatch_path, submit, write_job
+from .recipe import load_recipe, recipe_to_yaml
+from .schema import STRATEGIES
+from .schema_doc import recipe_reference
+from .tasks import TASKS
+from .timing import import_heavy_libraries
 
 
 def _add_recipe_args(parser: argparse.ArgumentParser) -> None:
@@ -84,21 +94,13 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def cmd_train(args) -> int:
-    from .timing import import_heavy_libraries
-
     import_heavy_libraries()
-    from .engine.run import run_training
-    from .recipe import load_recipe
-
     recipe = load_recipe(args.recipe, args.overrides)
     run_training(recipe)
     return EXIT_OK
 
 
 def cmd_run(args) -> int:
-    from .launch.local import execute
-    from .launch.plan import LaunchRequest, build_plan
-
     request = LaunchRequest(nproc=args.nproc, nodes=args.nodes, node_rank=args.node_rank,
                             main_address=args.main_address, main_port=args.main_port,
                             strategy=args.strategy, config_file=args.config_file)
@@ -107,18 +109,12 @@ def cmd_run(args) -> int:
 
 
 def cmd_debug(args) -> int:
-    from .launch.debug import run_debug
-
     args.verbose = True  # debug mode always shows the full traceback
     run_debug(args.recipe, args.overrides)
     return EXIT_OK
 
 
 def cmd_slurm(args) -> int:
-    from .launch.local import print_plan
-    from .launch.plan import LaunchRequest, build_plan
-    from .launch.slurm import SlurmRequest, check_request, sbatch_path, submit, write_job
-
     slurm = SlurmRequest(nodes=args.nodes, gpus_per_node=args.gpus_per_node, cpu_procs_per_node=args.nproc_per_node,
                          partition=args.partition, time=args.time, account=args.account,
                          cpus_per_task=args.cpus_per_task, signal_seconds=args.signal_seconds)
@@ -126,10 +122,10 @@ def cmd_slurm(args) -> int:
     if args.submit:
         sbatch_path()  # fail before writing anything if it cannot be submitted
     procs = args.gpus_per_node or args.nproc_per_node
-    request = LaunchRequest(nproc=procs, nodes=args.nodes, strategy=args.strategy, rendezvous_at_runtime=True)
+    # The compute nodes have the GPUs, whatever this login node has.
+    request = LaunchRequest(nproc=procs, nodes=args.nodes, strategy=args.strategy, rendezvous_at_runtime=True,
+                            device="cuda" if args.gpus_per_node else None)
     plan = build_plan(args.recipe, args.overrides, request)
-    if args.gpus_per_node:
-        plan.device = "cuda"  # the compute nodes have the GPUs, whatever this login node has
     print_plan(plan, show_command=False)
     script = write_job(plan, slurm)
     print(f"sbatch script: {script}")
@@ -141,20 +137,12 @@ def cmd_slurm(args) -> int:
 
 
 def cmd_eval(args) -> int:
-    from .timing import import_heavy_libraries
-
     import_heavy_libraries()
-    from .engine.eval import run_evaluation
-
     run_evaluation(args.recipe, args.overrides, args.split, args.checkpoint, args.output)
     return EXIT_OK
 
 
 def cmd_check(args) -> int:
-    from .recipe import load_recipe, recipe_to_yaml
-
-    from .tasks import TASKS
-
     recipe = load_recipe(args.recipe, args.overrides)
     TASKS[recipe.task](recipe)  # a task checks its own settings when it is created
     sys.stdout.write(recipe_to_yaml(recipe))
@@ -162,8 +150,6 @@ def cmd_check(args) -> int:
 
 
 def cmd_schema(args) -> int:
-    from .schema_doc import recipe_reference
-
     sys.stdout.write(recipe_reference())
     return EXIT_OK
 

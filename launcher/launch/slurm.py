@@ -12,7 +12,11 @@ import sys
 from dataclasses import dataclass
 from pathlib import Path
 
+import yaml
+
 from ..errors import LauncherError
+from ..files import write_text_atomic
+from . import accelerate
 from .plan import LaunchPlan
 
 TEMPLATE = Path(__file__).resolve().parents[2] / "slurm" / "job.sbatch"
@@ -95,17 +99,6 @@ def render(plan: LaunchPlan, request: SlurmRequest, workdir: Path | None = None)
     )
 
 
-def slurm_accelerate_config(plan: LaunchPlan) -> dict:
-    """The plan's accelerate config minus what each node fills in at run time."""
-    config = dict(plan.accelerate_config or {})
-    for key in ("machine_rank", "main_process_ip", "main_process_port"):
-        config.pop(key, None)
-    config["rdzv_backend"] = "c10d"
-    if config.get("distributed_type") == "NO":
-        config["distributed_type"] = "MULTI_GPU"  # one process per node, several nodes: still torchrun
-    return config
-
-
 def sbatch_path() -> str:
     path = shutil.which("sbatch")
     if path is None:
@@ -120,13 +113,19 @@ def submit(script: Path) -> str:
     return result.stdout.strip().split(";")[0]
 
 
-def write_job(plan: LaunchPlan, request: SlurmRequest) -> Path:
-    from ..engine.outputs import write_text_atomic
-    from .plan import write_launch_files
+def slurm_accelerate_config(plan: LaunchPlan) -> dict:
+    """The accelerate config every node's command reads; each node adds its machine rank and the main
+    address at run time (the sbatch script's srun line)."""
+    config = accelerate.generated_config(plan, per_node=False)
+    if config.get("distributed_type") == "NO":
+        config["distributed_type"] = "MULTI_GPU"  # one process per node, several nodes: still torchrun
+    return config
 
-    plan.accelerate_config = slurm_accelerate_config(plan)
+
+def write_job(plan: LaunchPlan, request: SlurmRequest) -> Path:
     text = render(plan, request)  # before writing anything: a template error leaves no half-made job
-    write_launch_files(plan, command=False)
+    write_text_atomic(plan.launch_dir / "accelerate_config.yaml",
+                      yaml.safe_dump(slurm_accelerate_config(plan), sort_keys=False))
     script = plan.run_dir / "job.sbatch"
     write_text_atomic(script, text)
     os.chmod(script, 0o755)

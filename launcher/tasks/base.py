@@ -11,12 +11,14 @@ from __future__ import annotations
 import hashlib
 import importlib
 import json
-from typing import Any, ClassVar
+from typing import Any, Callable, ClassVar
 
 import torch
 
+from .. import timing
 from ..errors import ModelError
-from ..recipe import Recipe
+from ..model_io import model_location
+from ..schema import Recipe, Section
 
 Batch = dict[str, Any]
 Record = dict[str, Any]  # one example's evaluation result; must hold "id" (its index in the split)
@@ -33,10 +35,26 @@ class Task:
     default_metrics: ClassVar[tuple[str, ...]] = ()  # evaluation.metrics when the recipe names none
     lower_is_better: ClassVar[frozenset[str]] = frozenset({"loss"})  # metric keys where smaller wins
     pipeline_task: ClassVar[str | None] = None
+    # The task's own recipe section (e.g. `sft:`): its key, its schema and one line for the reference.
+    # The recipe schema picks it up from the registry (launcher/tasks/__init__.py); the task reads it
+    # with `self.section()`.
+    settings_key: ClassVar[str | None] = None
+    settings_schema: ClassVar[type[Section] | None] = None
+    settings_description: ClassVar[str] = ""
 
     def __init__(self, recipe: Recipe):
         self.recipe = recipe
-        self.pad_to_multiple_of = 1  # set by the engine (training.pad_to_multiple_of / device)
+        # What the engine tells the task about where it runs (the task never looks it up itself):
+        self.pad_to_multiple_of = 1  # pad batches to a multiple of this (8 on GPUs, 1 on CPUs)
+        # generate() gathers sharded weights in every step (ZeRO-3 over several ranks): every rank must
+        # keep stepping until all ranks' sequences are done
+        self.synced_generation = False
+        self.say: Callable[[str], None] = _print  # the engine's one voice (rank 0 only) for data reports
+
+    def section(self):
+        """The task's recipe section, or its defaults when the recipe has none."""
+        value = getattr(self.recipe, self.settings_key, None) if self.settings_key else None
+        return value if value is not None else self.settings_schema()
 
     # ---- data ---------------------------------------------------------------------------
     def required_columns(self, split: str) -> dict[str, str]:
@@ -121,10 +139,10 @@ class Task:
         return lines
 
     # ---- evaluation ---------------------------------------------------------------------
-    def predict_batch(self, model, batch: Batch, accelerator) -> list[Record]:
-        """Per-example records for one evaluation batch. The default is one forward pass; tasks that
-        generate override it (and must keep ZeRO-3 ranks in step: every rank calls this the same
-        number of times, and generation must be synced)."""
+    def predict_batch(self, model, batch: Batch, tokenizer) -> list[Record]:
+        """Per-example records for one evaluation batch; ``model`` is the plain (unwrapped) module. The
+        default is one forward pass; tasks that generate override it (every rank calls this the same
+        number of times; pass ``synced_gpus=self.synced_generation`` to generate())."""
         return self.records(model(**self.model_inputs(batch)), batch)
 
     def records(self, outputs, batch: Batch) -> list[Record]:
@@ -135,6 +153,10 @@ class Task:
 
     def prediction_rows(self, records: list[Record], raw_split) -> list[dict]:
         raise NotImplementedError
+
+
+def _print(message: str) -> None:
+    print(message, flush=True)
 
 
 # Feature column a task may add: True where tokenization cut the example at a length limit. Data
@@ -179,8 +201,6 @@ def load_pretrained_config(recipe: Recipe, **task_kwargs):
 
     from transformers import AutoConfig
 
-    from ..model_io import model_location
-
     location = model_location(recipe)
     config = AutoConfig.from_pretrained(
         location, trust_remote_code=recipe.model.trust_remote_code, revision=recipe.model.revision
@@ -202,8 +222,6 @@ def load_pretrained_config(recipe: Recipe, **task_kwargs):
 def _import_architecture(config) -> None:
     """Import the model's module now, and count it as library import time (start-up accounting):
     transformers imports it lazily on first use, which takes a second or more for most models."""
-    from .. import timing
-
     with timing.counted_as_import():
         try:
             from transformers.models.auto.configuration_auto import model_type_to_module_name

@@ -39,7 +39,7 @@ import torch.nn.functional as F
 
 from ..errors import DataError, ModelError, RecipeError
 from ..metrics import hub_metric
-from ..recipe import DataSection
+from ..schema import DataSection
 from ..text_metrics import entity_scores
 from .base import Batch, Record, pad_columns
 from .classification import SequenceClassificationTask
