@@ -10,6 +10,7 @@ import sys
 import traceback
 from pathlib import Path
 
+from . import faults
 from .engine.eval import run_evaluation
 from .engine.run import run_training
 from .errors import EXIT_FAILURE, EXIT_OK, LauncherError, StopRequested, TrainingError
@@ -75,6 +76,17 @@ def build_parser() -> argparse.ArgumentParser:
     slurm.add_argument("--cpus-per-task", type=int, help="CPUs per node task (default: processes per node)")
     slurm.add_argument("--signal-seconds", type=int, default=120, help="preemption warning before the time limit (default 120)")
     slurm.add_argument("--strategy", choices=[s for s in STRATEGIES if s != "auto"], help="override distributed.strategy")
+    slurm.add_argument("--mem", help="memory per node (sbatch --mem), e.g. 64G; 0 = all of it")
+    slurm.add_argument("--exclusive", action="store_true", help="whole nodes only (sbatch --exclusive)")
+    slurm.add_argument("--constraint", help="node features (sbatch --constraint), e.g. a100")
+    slurm.add_argument("--qos", help="quality of service (sbatch --qos)")
+    slurm.add_argument("--sbatch-arg", action="append", default=[], metavar="OPTION",
+                       help="another #SBATCH option, repeatable: --sbatch-arg=--reservation=maint")
+    slurm.add_argument("--setup", action="append", default=[], metavar="LINE",
+                       help="a shell line run on every node before the launch, repeatable: --setup 'module load cuda/12.4'")
+    slurm.add_argument("--container-image", help="run each node's task in this container (pyxis: srun --container-image)")
+    slurm.add_argument("--container-mounts", help="pyxis mounts (default: the working and run directories)")
+    slurm.add_argument("--container-python", default="python", help="the interpreter inside the container (default python)")
     slurm.add_argument("--submit", action="store_true", help="submit with sbatch after rendering")
 
     evaluate = sub.add_parser(
@@ -117,7 +129,11 @@ def cmd_debug(args) -> int:
 def cmd_slurm(args) -> int:
     slurm = SlurmRequest(nodes=args.nodes, gpus_per_node=args.gpus_per_node, cpu_procs_per_node=args.nproc_per_node,
                          partition=args.partition, time=args.time, account=args.account,
-                         cpus_per_task=args.cpus_per_task, signal_seconds=args.signal_seconds)
+                         cpus_per_task=args.cpus_per_task, signal_seconds=args.signal_seconds, mem=args.mem,
+                         exclusive=args.exclusive, constraint=args.constraint, qos=args.qos,
+                         sbatch_args=tuple(args.sbatch_arg), setup=tuple(args.setup),
+                         container_image=args.container_image, container_mounts=args.container_mounts,
+                         container_python=args.container_python)
     check_request(slurm)
     if args.submit:
         sbatch_path()  # fail before writing anything if it cannot be submitted
@@ -144,7 +160,7 @@ def cmd_eval(args) -> int:
 
 def cmd_check(args) -> int:
     recipe = load_recipe(args.recipe, args.overrides)
-    TASKS[recipe.task](recipe)  # a task checks its own settings when it is created
+    TASKS[recipe.task](recipe).check_limits()  # a task checks its own settings when it is created
     sys.stdout.write(recipe_to_yaml(recipe))
     return EXIT_OK
 
@@ -177,6 +193,9 @@ def parse_args(argv: list[str] | None = None):
 
 def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
+    for warning in faults.active_test_settings():
+        if os.environ.get("RANK", "0") == "0":
+            print(f"warning: {warning}", file=sys.stderr, flush=True)
     try:
         return COMMANDS[args.command](args)
     except LauncherError as exc:

@@ -56,6 +56,7 @@ def _evaluate(recipe, split: str, checkpoint: Path | None, output: Path | None, 
     set_seed(recipe.training.seed)
     task = PromptClassificationTask(recipe) if recipe.prompt is not None else TASKS[recipe.task](recipe)
     task.say = log.info
+    task.check_limits()
     out_dir = output or (recipe.output_dir() / "eval")
     check_writable(out_dir)
     if checkpoint is not None:

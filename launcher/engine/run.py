@@ -21,7 +21,7 @@ from contextlib import nullcontext
 
 import torch
 
-from .. import faults
+from .. import faults, timing
 from ..data import prepare_data
 from ..errors import DataError, StopRequested, TrainingError
 from ..model_io import load_tokenizer
@@ -67,11 +67,24 @@ def _quiet_libraries(is_main: bool) -> None:
         logging.getLogger(name).setLevel(logging.WARNING)
 
 
-class StopFlag:
-    """Set by a stop signal to this process or by the STOP file; read once per step."""
+def attempt_start() -> float:
+    """When this attempt at the run began (epoch seconds): what launched the ranks says so in
+    LAUNCHER_ATTEMPT_START (`launcher run`, the sbatch script, before starting any rank), else this
+    process's own start. A STOP file older than that belongs to an earlier attempt."""
+    value = os.environ.get("LAUNCHER_ATTEMPT_START")
+    try:
+        return float(value) if value else time.time() - timing.since_process_start()
+    except ValueError:
+        return time.time() - timing.since_process_start()
 
-    def __init__(self, stop_file):
+
+class StopFlag:
+    """Set by a stop signal to this process or by a STOP file written during this attempt (a stop
+    request that arrives while the ranks are still starting up is kept, not lost); read once per step."""
+
+    def __init__(self, stop_file, since: float):
         self.stop_file = stop_file
+        self.since = since
         self.reason: str | None = None
         for sig in STOP_SIGNALS:
             signal.signal(sig, self._on_signal)
@@ -80,9 +93,16 @@ class StopFlag:
         self.reason = signal.Signals(signum).name
 
     def requested(self) -> bool:
-        if self.reason is None and self.stop_file.exists():
+        if self.reason is None and is_current_stop_file(self.stop_file, self.since):
             self.reason = f"{self.stop_file.name} file"
         return self.reason is not None
+
+
+def is_current_stop_file(path, since: float) -> bool:
+    try:
+        return path.stat().st_mtime >= since
+    except FileNotFoundError:
+        return False
 
 
 class FineTuneRun:
@@ -105,6 +125,7 @@ class FineTuneRun:
 
         set_seed(recipe.training.seed)
         self.task = task = TASKS[recipe.task](recipe)
+        task.check_limits()
         # Multiples of 8 feed GPU tensor cores; on a CPU padding is only extra work.
         task.pad_to_multiple_of = recipe.training.pad_to_multiple_of or (8 if accelerator.device.type == "cuda" else 1)
         task.synced_generation = self.topology.strategy.shards_weights and self.world_size > 1
@@ -127,18 +148,20 @@ class FineTuneRun:
 
         # Everything the user could have got wrong has been checked; now the run directory is written.
         self.stop_file = self.out_dir / "STOP"
+        self.attempt_start = attempt_start()
         if accelerator.is_main_process:
             if self.start.resume_from is None:
                 prepare_output_dir(self.out_dir)
             else:
                 remove_partials(self.out_dir)
-            self.stop_file.unlink(missing_ok=True)  # a stop request belongs to the run it stopped
+            if not is_current_stop_file(self.stop_file, self.attempt_start):
+                self.stop_file.unlink(missing_ok=True)  # an earlier attempt's stop request was answered
             write_text_atomic(self.out_dir / "recipe.yaml", recipe_to_yaml(recipe))
             if self.topology.deepspeed_config:
                 write_json_atomic(self.out_dir / "deepspeed_config.json", self.topology.deepspeed_config)
             log.metrics_path = self.out_dir / "metrics.jsonl"
         accelerator.wait_for_everyone()
-        self.stop = StopFlag(self.stop_file)
+        self.stop = StopFlag(self.stop_file, self.attempt_start)
 
         optimizer = torch.optim.AdamW(
             optimizer_param_groups(self.model, training.weight_decay),

@@ -8,9 +8,11 @@ forwards SIGTERM, so a file is the one channel that reaches every rank of every 
 from __future__ import annotations
 
 import json
+import os
 import signal
 import subprocess
 import sys
+import time
 
 from rich.console import Console
 
@@ -52,8 +54,10 @@ def execute(plan: LaunchPlan, dry_run: bool = False) -> int:
         stop_file.touch()
 
     previous = {sig: signal.signal(sig, request_stop) for sig in (signal.SIGTERM, signal.SIGUSR1)}
+    # A stop requested from now on is for this attempt, even if it comes before the ranks are up.
+    env = {**os.environ, "LAUNCHER_ATTEMPT_START": os.environ.get("LAUNCHER_ATTEMPT_START") or repr(time.time())}
     try:
-        returncode = subprocess.Popen(accelerate.argv(plan)).wait()
+        returncode = subprocess.Popen(accelerate.argv(plan), env=env).wait()
     finally:
         for sig, handler in previous.items():
             signal.signal(sig, handler)

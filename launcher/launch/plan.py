@@ -146,8 +146,9 @@ def build_plan(recipe_path: str | Path, overrides: list[str], request: LaunchReq
         # One value from the plan to every rank: each rank is told the strategy the plan resolved.
         overrides.append(f"distributed.strategy={strategy}")
 
-    start = decide_start(recipe)
     task = TASKS[recipe.task](recipe)
+    task.check_limits()
+    start = decide_start(recipe)
     # Tokenize now (the run reads the cache): steps count training *features*, which for some tasks
     # (long QA contexts split into windows, packed dialogues) are not one per raw row.
     data = prepare_data(recipe, task, load_tokenizer(recipe))

@@ -11,6 +11,7 @@ from __future__ import annotations
 import hashlib
 import importlib
 import json
+import sys
 from typing import Any, Callable, ClassVar
 
 import torch
@@ -104,16 +105,46 @@ class Task:
         """Extra config attributes to set when loading (e.g. num_labels / id2label)."""
         return {}
 
+    def model_config(self):
+        """The config of the model this task builds (the recipe's overrides applied), without weights."""
+        return load_pretrained_config(self.recipe, **self.model_config_kwargs())[1]
+
     def count_parameters(self) -> int:
         """Parameters of the model this task would build, without loading weights (meta device)."""
         import transformers
 
-        _, config = load_pretrained_config(self.recipe, **self.model_config_kwargs())
         with torch.device("meta"):
             model = getattr(transformers, self.auto_model_class).from_config(
-                config, trust_remote_code=self.recipe.model.trust_remote_code
+                self.model_config(), trust_remote_code=self.recipe.model.trust_remote_code
             )
         return sum(p.numel() for p in model.parameters())
+
+    def length_settings(self) -> dict[str, tuple[Section, str]]:
+        """Recipe key -> (section, field) of each token length the model is asked to take (checked
+        against its position limit)."""
+        return {"data.max_length": (self.recipe.data, "max_length")}
+
+    def check_limits(self) -> None:
+        """Lengths the model cannot take, found before any work: a model with learned absolute position
+        embeddings (BERT: 512) fails with an index error at the first longer batch, mid-training. A length
+        the recipe sets is refused; a default is lowered to the limit, with a notice. Called by `launcher
+        check`, `launcher run/slurm` and every rank at start (all decide alike)."""
+        config = self.model_config()
+        limit, source = position_limit(config)
+        if limit is None:
+            return
+        for key, (section, field) in self.length_settings().items():
+            length = getattr(section, field)
+            if length <= limit:
+                continue
+            if field in section.model_fields_set:
+                raise ModelError(
+                    f"{key}={length} is longer than this {config.model_type} model can take ({source} = {limit} "
+                    f"positions); set {key} to at most {limit}"
+                )
+            setattr(section, field, limit)
+            self.say(f"note: {key} lowered from its default {length} to {limit}, the most this {config.model_type} "
+                     f"model can take ({source})")
 
     # ---- batches ------------------------------------------------------------------------
     def collate(self, rows: dict[str, list], tokenizer) -> Batch:
@@ -156,7 +187,8 @@ class Task:
 
 
 def _print(message: str) -> None:
-    print(message, flush=True)
+    # Outside the engine (launcher check/run) a task's reports are side notes: stdout may be a recipe.
+    print(message, file=sys.stderr, flush=True)
 
 
 # Feature column a task may add: True where tokenization cut the example at a length limit. Data
@@ -193,6 +225,27 @@ def tokenizer_fingerprint(tokenizer) -> str:
     if backend is not None:
         return hashlib.sha256(backend.to_str().encode()).hexdigest()[:20]
     return _hash({"name": tokenizer.name_or_path, "vocab": len(tokenizer)})
+
+
+# Models whose position ids start after the padding index (RoBERTa's family): two positions fewer.
+_OFFSET_POSITIONS = {"roberta", "xlm-roberta", "camembert", "longformer", "roberta-prelayernorm", "data2vec-text"}
+
+
+def position_limit(config) -> tuple[int | None, str]:
+    """(positions the model can take, where that number comes from), or None for position encodings
+    without a fixed table (rotary, relative: T5, Llama, Qwen, ...), which do not fail on longer inputs."""
+    if getattr(config, "rope_theta", None) is not None or getattr(config, "rope_parameters", None) or \
+            getattr(config, "rope_scaling", None) is not None or getattr(config, "relative_attention_num_buckets", None):
+        return None, ""
+    if getattr(config, "position_embedding_type", "absolute") not in ("absolute", None):
+        return None, ""
+    for key in ("max_position_embeddings", "n_positions"):
+        value = getattr(config, key, None)
+        if isinstance(value, int) and value > 0:
+            if config.model_type in _OFFSET_POSITIONS:
+                return value - (getattr(config, "pad_token_id", 1) or 1) - 1, f"{key} minus its padding offset"
+            return value, key
+    return None, ""
 
 
 def load_pretrained_config(recipe: Recipe, **task_kwargs):

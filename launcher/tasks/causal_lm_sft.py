@@ -345,15 +345,10 @@ class CausalLMSFTTask(Task):
         return encode
 
     # ---- model --------------------------------------------------------------------------
-    def count_parameters(self) -> int:
+    def model_config(self):
         if not self.recipe.model.gguf_file:
-            return super().count_parameters()
-        import transformers
-
-        _, _, config = gguf_config(self.recipe)
-        with torch.device("meta"):
-            model = transformers.AutoModelForCausalLM.from_config(config)
-        return sum(p.numel() for p in model.parameters())
+            return super().model_config()
+        return gguf_config(self.recipe)[2]
 
     def build_model(self, tokenizer):
         from transformers import AutoModelForCausalLM

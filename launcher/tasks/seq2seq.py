@@ -99,6 +99,12 @@ class Seq2SeqTask(Task):
                     )
         return dataset, 0
 
+    def length_settings(self):
+        # The decoder's positions hold the target when training and the generation when evaluating.
+        return {"data.max_length": (self.recipe.data, "max_length"),
+                "generation.max_target_length": (self.generation, "max_target_length"),
+                "generation.max_new_tokens": (self.generation, "max_new_tokens")}
+
     def length_limits(self) -> str:
         return (f"data.max_length={self.recipe.data.max_length} (source) or generation.max_target_length="
                 f"{self.generation.max_target_length} (target)")

@@ -119,24 +119,6 @@ def test_cpu_runnable_configs_train(assets, isolated_env, tmp_path, name):
     assert start["strategy"] == ("ddp" if name == "multi_gpu.yaml" else name.split("_")[1].split(".")[0])
 
 
-@pytest.mark.slow
-def test_two_nodes_on_loopback_without_slurm(assets, isolated_env, tmp_path):
-    path = write_recipe(tmp_path / "recipe.yaml", toy_recipe_dict(assets, tmp_path / "run", training={"max_steps": 5}))
-    port = str(free_port())
-    nodes = [
-        subprocess.Popen([sys.executable, "-m", "launcher", "run", str(path), "--nodes", "2", "--node-rank", str(rank),
-                          "--nproc", "1", "--main-address", "127.0.0.1", "--main-port", port],
-                         env=isolated_env, cwd=REPO, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
-        for rank in (0, 1)
-    ]
-    outputs = [node.communicate(timeout=600) for node in nodes]
-    for node, (out, err) in zip(nodes, outputs):
-        assert node.returncode == 0, err[-3000:]
-    assert read_events(tmp_path / "run", "start")[0]["world_size"] == 2
-    assert len(read_events(tmp_path / "run", "end")) == 1  # one set of metrics, written once
-    assert "2 node(s) x 1 process(es) = 2" in " ".join(outputs[1][0].split())
-
-
 def test_debug_mode_shows_a_decoded_batch_and_runs_every_path(assets, isolated_env, tmp_path):
     recipe = toy_recipe_dict(assets, tmp_path / "run", distributed={"strategy": "zero2"}, training={"epochs": 5})
     path = write_recipe(tmp_path / "recipe.yaml", recipe)
