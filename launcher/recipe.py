@@ -200,8 +200,11 @@ def load_recipe(path: str | Path, overrides: list[str] | None = None) -> Recipe:
 
 
 def with_overrides(recipe: Recipe, overrides: list[str]) -> Recipe:
-    """The same recipe with ``KEY=VALUE`` overrides applied (validated again; its file stays its source)."""
-    changed = validate_recipe(apply_overrides(recipe.model_dump(mode="json"), overrides), "overrides")
+    """The same recipe with ``KEY=VALUE`` overrides applied (validated again; its file stays its source).
+    Only the keys the recipe set are carried over, so a default stays a default (check_limits may lower a
+    default length, never one the recipe chose)."""
+    changed = validate_recipe(apply_overrides(recipe.model_dump(mode="json", exclude_unset=True), overrides),
+                              "overrides")
     changed._source = recipe._source
     return changed
 

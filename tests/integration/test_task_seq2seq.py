@@ -315,14 +315,6 @@ def test_features_prefix_truncation_padding_and_loss(models, tmp_path):
     assert "target [3 tokens] 'rot katze </s>'" in lines[0]
 
 
-class _OneProcess:
-    num_processes = 1
-
-    @staticmethod
-    def unwrap_model(model):
-        return model
-
-
 @pytest.mark.parametrize("num_beams", [1, 3])
 def test_predict_batch_records_generation_and_teacher_forced_loss(models, tmp_path, num_beams):
     from transformers import AutoModelForSeq2SeqLM
@@ -332,7 +324,7 @@ def test_predict_batch_records_generation_and_teacher_forced_loss(models, tmp_pa
     batch = task.collate(task.encoder(tokenizer)(rows, [0, 1, 2]), tokenizer)
     model = AutoModelForSeq2SeqLM.from_pretrained(models["bart"]).eval()
     with torch.no_grad():
-        records = task.predict_batch(model, batch, _OneProcess())
+        records = task.predict_batch(model, batch, tokenizer)
         mean_loss = model(**task.model_inputs(batch)).loss.item()
     assert [r["id"] for r in records] == [0, 1, 2]
     assert [r["reference"] for r in records] == rows["target"]
