@@ -519,7 +519,7 @@ class CausalLMSFTTask(Task):
         return [text.strip() for text in tokenizer.batch_decode(output[:, width:], skip_special_tokens=True)]
 
     def compute_metrics(self, records: list[Record]) -> dict:
-        from ..text_metrics import perplexity
+        from ..metrics import perplexity
 
         nll = math.fsum(r["nll"] for r in records)
         tokens = sum(r["tokens"] for r in records)

@@ -26,8 +26,8 @@ import torch
 import torch.nn.functional as F
 
 from ..errors import DataError, ModelError
+from ..metrics import bleu_score, rouge_scores
 from ..model_io import load_pretrained_model
-from ..text_metrics import bleu_score, rouge_scores
 from .base import CUT_COLUMN, Batch, Record, Task, load_pretrained_config, pad_columns, truncated_flags
 
 ROUGE_KEYS = ["rouge1", "rouge2", "rougeL", "rougeLsum"]
