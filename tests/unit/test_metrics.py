@@ -268,13 +268,15 @@ def test_relation_extraction_leaves_out_the_no_relation_label_by_name():
     # no_relation has id 1 here, not 0
     task = classifier("relation_extraction", ["works_for", "no_relation", "lives_in"])
     records = [{"id": i, "label": y, "prediction": p, "loss": 1.0, "probabilities": [], "truncated": False}
-               for i, (y, p) in enumerate([(0, 0), (1, 1), (2, 1), (1, 2)])]
+               for i, (y, p) in enumerate([(0, 0), (1, 1), (2, 1), (1, 0)])]
     scores = task.compute_metrics(records)
-    # positive predictions works_for (right), lives_in (wrong); positive references works_for, lives_in
+    # positive predictions works_for (right), works_for (wrong); positive references works_for, lives_in
     assert (scores["precision"], scores["recall"], scores["support"]) == (0.5, 0.5, 2)
     assert list(scores["per_relation"]) == ["lives_in", "works_for"]
+    assert scores["per_relation"]["works_for"] == {"precision": 0.5, "recall": 1.0, "f1": pytest.approx(2 / 3),
+                                                   "support": 1}
     assert scores["accuracy"] == 0.5
-    assert scores["confusion_matrix"] == [[1, 0, 0], [0, 1, 1], [0, 1, 0]]
+    assert scores["confusion_matrix"] == [[1, 0, 0], [1, 1, 0], [0, 1, 0]]  # rows: true label
 
 
 def test_sequence_classification_names_its_classes_in_id_order():
