@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from . import timing  # noqa: F401  (first: marks the start for start-up accounting)
+from . import timing  # noqa: F401  (first: marks the start for start-up accounting; see __init__)
 
 import argparse
 import os
@@ -10,8 +10,19 @@ import sys
 import traceback
 from pathlib import Path
 
+from . import faults
+from .engine.eval import run_evaluation
+from .engine.run import run_training
 from .errors import EXIT_FAILURE, EXIT_OK, LauncherError, StopRequested, TrainingError
-from .recipe import STRATEGIES
+from .launch.debug import run_debug
+from .launch.local import execute, print_plan
+from .launch.plan import LaunchRequest, build_plan
+from .launch.slurm import SlurmRequest, check_request, sbatch_path, submit, write_job
+from .recipe import load_recipe, recipe_to_yaml
+from .schema import STRATEGIES
+from .schema_doc import recipe_reference
+from .tasks import TASKS
+from .timing import import_heavy_libraries
 
 
 def _add_recipe_args(parser: argparse.ArgumentParser) -> None:
@@ -65,6 +76,17 @@ def build_parser() -> argparse.ArgumentParser:
     slurm.add_argument("--cpus-per-task", type=int, help="CPUs per node task (default: processes per node)")
     slurm.add_argument("--signal-seconds", type=int, default=120, help="preemption warning before the time limit (default 120)")
     slurm.add_argument("--strategy", choices=[s for s in STRATEGIES if s != "auto"], help="override distributed.strategy")
+    slurm.add_argument("--mem", help="memory per node (sbatch --mem), e.g. 64G; 0 = all of it")
+    slurm.add_argument("--exclusive", action="store_true", help="whole nodes only (sbatch --exclusive)")
+    slurm.add_argument("--constraint", help="node features (sbatch --constraint), e.g. a100")
+    slurm.add_argument("--qos", help="quality of service (sbatch --qos)")
+    slurm.add_argument("--sbatch-arg", action="append", default=[], metavar="OPTION",
+                       help="another #SBATCH option, repeatable: --sbatch-arg=--reservation=maint")
+    slurm.add_argument("--setup", action="append", default=[], metavar="LINE",
+                       help="a shell line run on every node before the launch, repeatable: --setup 'module load cuda/12.4'")
+    slurm.add_argument("--container-image", help="run each node's task in this container (pyxis: srun --container-image)")
+    slurm.add_argument("--container-mounts", help="pyxis mounts (default: the working and run directories)")
+    slurm.add_argument("--container-python", default="python", help="the interpreter inside the container (default python)")
     slurm.add_argument("--submit", action="store_true", help="submit with sbatch after rendering")
 
     evaluate = sub.add_parser(
@@ -84,21 +106,13 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def cmd_train(args) -> int:
-    from .timing import import_heavy_libraries
-
     import_heavy_libraries()
-    from .engine.run import run_training
-    from .recipe import load_recipe
-
     recipe = load_recipe(args.recipe, args.overrides)
     run_training(recipe)
     return EXIT_OK
 
 
 def cmd_run(args) -> int:
-    from .launch.local import execute
-    from .launch.plan import LaunchRequest, build_plan
-
     request = LaunchRequest(nproc=args.nproc, nodes=args.nodes, node_rank=args.node_rank,
                             main_address=args.main_address, main_port=args.main_port,
                             strategy=args.strategy, config_file=args.config_file)
@@ -107,29 +121,27 @@ def cmd_run(args) -> int:
 
 
 def cmd_debug(args) -> int:
-    from .launch.debug import run_debug
-
     args.verbose = True  # debug mode always shows the full traceback
     run_debug(args.recipe, args.overrides)
     return EXIT_OK
 
 
 def cmd_slurm(args) -> int:
-    from .launch.local import print_plan
-    from .launch.plan import LaunchRequest, build_plan
-    from .launch.slurm import SlurmRequest, check_request, sbatch_path, submit, write_job
-
     slurm = SlurmRequest(nodes=args.nodes, gpus_per_node=args.gpus_per_node, cpu_procs_per_node=args.nproc_per_node,
                          partition=args.partition, time=args.time, account=args.account,
-                         cpus_per_task=args.cpus_per_task, signal_seconds=args.signal_seconds)
+                         cpus_per_task=args.cpus_per_task, signal_seconds=args.signal_seconds, mem=args.mem,
+                         exclusive=args.exclusive, constraint=args.constraint, qos=args.qos,
+                         sbatch_args=tuple(args.sbatch_arg), setup=tuple(args.setup),
+                         container_image=args.container_image, container_mounts=args.container_mounts,
+                         container_python=args.container_python)
     check_request(slurm)
     if args.submit:
         sbatch_path()  # fail before writing anything if it cannot be submitted
     procs = args.gpus_per_node or args.nproc_per_node
-    request = LaunchRequest(nproc=procs, nodes=args.nodes, strategy=args.strategy, rendezvous_at_runtime=True)
+    # The compute nodes have the GPUs, whatever this login node has.
+    request = LaunchRequest(nproc=procs, nodes=args.nodes, strategy=args.strategy, rendezvous_at_runtime=True,
+                            device="cuda" if args.gpus_per_node else None)
     plan = build_plan(args.recipe, args.overrides, request)
-    if args.gpus_per_node:
-        plan.device = "cuda"  # the compute nodes have the GPUs, whatever this login node has
     print_plan(plan, show_command=False)
     script = write_job(plan, slurm)
     print(f"sbatch script: {script}")
@@ -141,29 +153,19 @@ def cmd_slurm(args) -> int:
 
 
 def cmd_eval(args) -> int:
-    from .timing import import_heavy_libraries
-
     import_heavy_libraries()
-    from .engine.eval import run_evaluation
-
     run_evaluation(args.recipe, args.overrides, args.split, args.checkpoint, args.output)
     return EXIT_OK
 
 
 def cmd_check(args) -> int:
-    from .recipe import load_recipe, recipe_to_yaml
-
-    from .tasks import TASKS
-
     recipe = load_recipe(args.recipe, args.overrides)
-    TASKS[recipe.task](recipe)  # a task checks its own settings when it is created
+    TASKS[recipe.task](recipe).check_limits()  # a task checks its own settings when it is created
     sys.stdout.write(recipe_to_yaml(recipe))
     return EXIT_OK
 
 
 def cmd_schema(args) -> int:
-    from .schema_doc import recipe_reference
-
     sys.stdout.write(recipe_reference())
     return EXIT_OK
 
@@ -191,6 +193,9 @@ def parse_args(argv: list[str] | None = None):
 
 def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
+    for warning in faults.active_test_settings():
+        if os.environ.get("RANK", "0") == "0":
+            print(f"warning: {warning}", file=sys.stderr, flush=True)
     try:
         return COMMANDS[args.command](args)
     except LauncherError as exc:

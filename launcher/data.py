@@ -17,7 +17,9 @@ import numpy as np
 
 from .errors import DataError
 from .paths import resolve_path
-from .recipe import Recipe, recipe_base_dir
+from .recipe import recipe_base_dir
+from .schema import Recipe
+from .tasks.base import CUT_COLUMN, tokenizer_fingerprint
 
 CACHE_VERSION = 3
 SPLITS = ("train", "validation", "test")
@@ -43,8 +45,6 @@ class PreparedData:
 
 def count_truncated(features) -> int | None:
     """How many features the task marked as cut at a length limit (None: the task does not mark them)."""
-    from .tasks.base import CUT_COLUMN
-
     if CUT_COLUMN not in features.column_names:
         return None
     import pyarrow.compute as pc
@@ -314,8 +314,6 @@ def preparation_key(recipe: Recipe, task, tokenizer) -> str | None:
     """A key over everything that decides the prepared data, computed without reading the data:
     the data section, the task, the tokenizer, and each local file's path, size and mtime. None for
     Hub datasets (their content can change behind a name; `datasets` caches those itself)."""
-    from .tasks.base import tokenizer_fingerprint
-
     if recipe.data.dataset is not None:
         return None
     files = {}

@@ -14,6 +14,18 @@ import signal
 import time
 
 
+def active_test_settings() -> list[str]:
+    """One line per test-only setting that is switched on (printed at start: never silent in a real run)."""
+    lines = []
+    if os.environ.get("LAUNCHER_FAULT"):
+        lines.append(f"LAUNCHER_FAULT={os.environ['LAUNCHER_FAULT']} is set: a deliberate failure will be injected "
+                     f"(a test-only setting; unset it for real runs)")
+    if os.environ.get("LAUNCHER_TEST_STEP_DELAY"):
+        lines.append(f"LAUNCHER_TEST_STEP_DELAY={os.environ['LAUNCHER_TEST_STEP_DELAY']} is set: every optimizer "
+                     f"step sleeps that many seconds (a test-only setting; unset it for real runs)")
+    return lines
+
+
 def _spec() -> str | None:
     return os.environ.get("LAUNCHER_FAULT")
 

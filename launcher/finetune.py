@@ -22,6 +22,7 @@ import torch
 from torch import nn
 
 from .errors import ModelError
+from .model_io import drop_gguf_quantization, gguf_location
 
 EXPORT_META = "launcher_finetune.json"
 ADAPTER_WEIGHTS = "adapter_model.safetensors"
@@ -226,8 +227,6 @@ def save_weights(module: nn.Module, directory: Path, state: dict, recipe, task) 
         module.save_pretrained(directory, state_dict=state, safe_serialization=True, save_original_format=False)
     if getattr(recipe.model, "gguf_file", None) and meta["base_model"] is not None:
         # The base is a GGUF file: name its directory and file, which is how it reloads.
-        from .tasks.causal_lm_sft import gguf_location
-
         meta["base_model"], meta["gguf_file"] = gguf_location(recipe)
     (directory / EXPORT_META).write_text(json.dumps(meta, indent=2) + "\n")
 
@@ -269,8 +268,6 @@ def load_exported(directory: str | Path, device: str = "cpu"):
     if "id2label" in config:
         config["id2label"] = {int(k): v for k, v in config["id2label"].items()}
     if meta.get("gguf_file"):
-        from .tasks.causal_lm_sft import drop_gguf_quantization
-
         base = auto.from_pretrained(meta["base_model"], gguf_file=meta["gguf_file"], **config)
         drop_gguf_quantization(base)  # dequantized on load; a merged export must save as a plain model
     else:

@@ -6,7 +6,8 @@ from pathlib import Path
 
 from .errors import LauncherError, ModelError
 from .paths import PKG_SCHEME, resolve_path
-from .recipe import Recipe, recipe_base_dir
+from .recipe import recipe_base_dir
+from .schema import Recipe
 
 
 def _resolve(value: str, recipe: Recipe, key: str) -> str:
@@ -88,3 +89,61 @@ def load_pretrained_model(auto_class: str, location: str, recipe: Recipe, **kwar
         )
     except (OSError, ValueError) as exc:
         raise load_model_error(exc, location) from None
+
+
+# ---------------------------------------------------------------------------------------------
+# GGUF weights (model.gguf_file): read with transformers' GGUF support, dequantized to fp32
+
+
+def gguf_location(recipe) -> tuple[str, str]:
+    """(directory, file name) of model.gguf_file, checked."""
+    import importlib.util
+
+    name = recipe.model.gguf_file
+    try:
+        directory = resolve_path(recipe.model.name_or_path, recipe_base_dir(recipe))
+    except Exception as exc:  # a pkg:// package that is not installed
+        raise ModelError(f"model.name_or_path: {exc}") from None
+    if not (directory / name).is_file():
+        raise ModelError(
+            f"model.gguf_file: {name} is not a file in {directory} (model.name_or_path); name a .gguf file in that directory"
+        )
+    if importlib.util.find_spec("gguf") is None:
+        raise ModelError("model.gguf_file: loading GGUF weights needs the gguf package; pip install gguf")
+    return str(directory), name
+
+
+def gguf_config(recipe):
+    """The model config stored in the GGUF file, with model.config_overrides applied."""
+    import difflib
+
+    from transformers import AutoConfig
+
+    directory, name = gguf_location(recipe)
+    config = AutoConfig.from_pretrained(directory, gguf_file=name)
+    for key, value in recipe.model.config_overrides.items():
+        if not hasattr(config, key):
+            close = difflib.get_close_matches(key, list(config.to_dict()), n=1)
+            hint = f"; did you mean {close[0]}?" if close else ""
+            raise ModelError(f"model.config_overrides.{key}: not an attribute of this {config.model_type} config{hint}")
+        setattr(config, key, value)
+    return directory, name, config
+
+
+def drop_gguf_quantization(model) -> None:
+    """The GGUF weights are dequantized on load: mark the model as the plain fp32 model it is, so that
+    save_pretrained (export, best weights) works."""
+    if hasattr(model.config, "quantization_config"):
+        del model.config.quantization_config
+    if getattr(model, "hf_quantizer", None) is not None:
+        model.hf_quantizer = None
+
+
+def save_gguf_tokenizer(directory: str, gguf_file: str, target: str) -> str:
+    """Write the tokenizer (with its chat template) stored in a GGUF file as a tokenizer directory
+    that model.tokenizer can name."""
+    from transformers import AutoTokenizer
+
+    tokenizer = AutoTokenizer.from_pretrained(directory, gguf_file=gguf_file)
+    tokenizer.save_pretrained(target)
+    return target

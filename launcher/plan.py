@@ -6,12 +6,14 @@ is the single place where micro-batch, accumulation, world size and global batch
 
 from __future__ import annotations
 
+import importlib.util
+import math
 import os
 from dataclasses import asdict, dataclass
 from typing import Mapping
 
 from .errors import TopologyError
-from .recipe import TrainingSection
+from .schema import STRATEGIES, TrainingSection
 
 DEEPSPEED_STAGES = {"zero0": 0, "zero1": 1, "zero2": 2, "zero3": 3, "zero3_offload": 3}
 
@@ -64,12 +66,45 @@ def resolve_batch(training: TrainingSection, world_size: int) -> BatchPlan:
 
 def total_optimizer_steps(training: TrainingSection, steps_per_epoch: int) -> int:
     """max_steps if set, else epochs (possibly fractional) worth of steps, rounded up."""
-    import math
-
     return training.max_steps or math.ceil(training.epochs * steps_per_epoch)
 
 
-def strategy_from_accelerate_env(env: Mapping[str, str]) -> str | None:
+@dataclass(frozen=True)
+class Strategy:
+    """How model state is spread over the ranks: the one value that travels from the plan to every
+    rank (the recipe's ``distributed.strategy`` once resolved against the launch configuration)."""
+
+    name: str  # one of schema.STRATEGIES except "auto"
+
+    def __post_init__(self):
+        if self.name not in STRATEGIES or self.name == "auto":
+            raise TopologyError(f"distributed.strategy: unknown strategy {self.name!r}; choose one of "
+                                f"{', '.join(s for s in STRATEGIES if s != 'auto')}")
+
+    def __str__(self) -> str:
+        return self.name
+
+    @property
+    def is_deepspeed(self) -> bool:
+        return self.name in DEEPSPEED_STAGES
+
+    @property
+    def zero_stage(self) -> int | None:
+        return DEEPSPEED_STAGES.get(self.name)
+
+    @property
+    def offload(self) -> bool:
+        """Optimizer state and weights live in host memory (ZeRO-3 offload)."""
+        return self.name == "zero3_offload"
+
+    @property
+    def shards_weights(self) -> bool:
+        """Each rank holds only a shard of the weights: a forward pass (and every generation step) is a
+        collective, so ranks must step together and exports gather the shards."""
+        return self.zero_stage == 3
+
+
+def strategy_from_accelerate_env(env: Mapping[str, str]) -> Strategy | None:
     """The strategy an `accelerate launch` config asked for (None if it asked for none)."""
     if env.get("ACCELERATE_USE_DEEPSPEED", "false").lower() != "true":
         return None
@@ -79,9 +114,9 @@ def strategy_from_accelerate_env(env: Mapping[str, str]) -> str | None:
         for kind in ("optimizer", "param")
     }
     if all(device == "none" for device in offload.values()):
-        return f"zero{stage}"
+        return Strategy(f"zero{stage}")
     if stage == 3 and all(device == "cpu" for device in offload.values()):
-        return "zero3_offload"
+        return Strategy("zero3_offload")
     raise TopologyError(
         f"the accelerate config asks for ZeRO-{stage} with offload_optimizer_device={offload['optimizer']}, "
         f"offload_param_device={offload['param']}; the launcher offers offload as zero3_offload (stage 3, optimizer "
@@ -89,7 +124,7 @@ def strategy_from_accelerate_env(env: Mapping[str, str]) -> str | None:
     )
 
 
-def resolve_strategy(recipe_strategy: str, env: Mapping[str, str] | None = None) -> str:
+def resolve_strategy(recipe_strategy: str, env: Mapping[str, str] | None = None) -> Strategy:
     """Combine the recipe's distributed.strategy with what `accelerate launch` was told.
 
     The two must agree; `auto` follows the launcher, and defaults to DDP (which is also what a single
@@ -104,17 +139,22 @@ def resolve_strategy(recipe_strategy: str, env: Mapping[str, str] | None = None)
         )
     launched_with = strategy_from_accelerate_env(env)
     if recipe_strategy == "auto":
-        return launched_with or "ddp"
-    if launched_with is not None and launched_with != recipe_strategy:
+        return launched_with or Strategy("ddp")
+    if launched_with is not None and launched_with.name != recipe_strategy:
         raise TopologyError(
             f"distributed.strategy={recipe_strategy} but accelerate was launched with DeepSpeed {launched_with}; "
             f"make them agree (or set distributed.strategy=auto to follow the accelerate config)"
         )
-    return recipe_strategy
+    return Strategy(recipe_strategy)
 
 
-def check_accelerate_accumulation(env: Mapping[str, str], batch: BatchPlan) -> None:
-    """The recipe is the one source of truth for accumulation: reject a conflicting accelerate config."""
+def check_launch(training: TrainingSection, strategy: Strategy, batch: BatchPlan, env: Mapping[str, str],
+                 cuda: bool) -> None:
+    """Every check of a recipe against its launch: the one list, called by the launcher before anything
+    starts (`launcher run/slurm`, `--dry-run`) and by every rank at start (plain `accelerate launch`,
+    `torchrun`). ``env`` is the ACCELERATE_* view of the launch configuration; ``cuda`` whether the
+    ranks will have GPUs."""
+    # The recipe is the one source of truth for accumulation, clipping and precision.
     value = env.get("ACCELERATE_GRADIENT_ACCUMULATION_STEPS")
     if value not in (None, "", "1") and int(value) != batch.grad_accum_steps:
         raise TopologyError(
@@ -122,56 +162,56 @@ def check_accelerate_accumulation(env: Mapping[str, str], batch: BatchPlan) -> N
             f"{batch.grad_accum_steps} ({batch.describe()}); remove gradient_accumulation_steps from the "
             f"accelerate config: the recipe's training section is the one place batch sizes are set"
         )
-
-
-def check_accelerate_clipping(env: Mapping[str, str], max_grad_norm: float) -> None:
-    value = env.get("ACCELERATE_GRADIENT_CLIPPING")
-    if value not in (None, "", "none", "None") and float(value) != float(max_grad_norm):
-        raise TopologyError(
-            f"the accelerate config sets gradient_clipping={value} but the recipe says training.max_grad_norm="
-            f"{max_grad_norm}; remove gradient_clipping from the accelerate config (the recipe decides)"
-        )
-
-
-def check_accelerate_precision(env: Mapping[str, str], precision: str) -> None:
-    """An accelerate config that asks for mixed precision must agree with training.precision."""
     launched = env.get("ACCELERATE_MIXED_PRECISION", "no")
-    wanted = {"fp32": "no", "bf16": "bf16", "fp16": "fp16"}[precision]
+    wanted = {"fp32": "no", "bf16": "bf16", "fp16": "fp16"}[training.precision]
     if launched not in ("", "no") and launched != wanted:
         raise TopologyError(
-            f"the accelerate config sets mixed_precision={launched} but the recipe says training.precision={precision}; "
-            f"set mixed_precision: 'no' in the accelerate config (the recipe decides) or change training.precision"
+            f"the accelerate config sets mixed_precision={launched} but the recipe says training.precision="
+            f"{training.precision}; set mixed_precision: 'no' in the accelerate config (the recipe decides) or "
+            f"change training.precision"
         )
-
-
-def check_accelerate_zero3_export(env: Mapping[str, str], strategy: str) -> None:
-    """Exporting a ZeRO-3 model needs its shards gathered; an accelerate config that turns that off
-    would leave no full weights to export or to keep as the best model."""
+    # Exporting a ZeRO-3 model needs its shards gathered; a config that turns that off would leave no
+    # full weights to export or to keep as the best model.
     value = env.get("ACCELERATE_DEEPSPEED_ZERO3_SAVE_16BIT_MODEL")
-    if strategy.startswith("zero3") and value is not None and value.lower() == "false":
+    if strategy.zero_stage == 3 and value is not None and value.lower() == "false":
         raise TopologyError(
             "the accelerate config sets zero3_save_16bit_model: false, but under ZeRO-3 the exported model and the "
             "best-model copy need the full gathered weights; set zero3_save_16bit_model: true (or remove it)"
         )
+    value = env.get("ACCELERATE_GRADIENT_CLIPPING")
+    if value not in (None, "", "none", "None") and float(value) != float(training.max_grad_norm):
+        raise TopologyError(
+            f"the accelerate config sets gradient_clipping={value} but the recipe says training.max_grad_norm="
+            f"{training.max_grad_norm}; remove gradient_clipping from the accelerate config (the recipe decides)"
+        )
+    if training.precision == "fp16" and not cuda:
+        raise TopologyError("training.precision=fp16 needs a GPU; on CPU use fp32 (or bf16, which is slow on most CPUs)")
+    if strategy.is_deepspeed and importlib.util.find_spec("deepspeed") is None:
+        raise TopologyError(f"distributed.strategy={strategy} needs DeepSpeed, which is not installed; "
+                            f"pip install deepspeed, or use strategy ddp")
+    if strategy.is_deepspeed and training.compile:
+        raise TopologyError(f"training.compile works with DDP only, not under DeepSpeed ({strategy}); "
+                            f"set training.compile=false")
+    if strategy.is_deepspeed and training.on_nonfinite_loss == "skip":
+        raise TopologyError(
+            f"training.on_nonfinite_loss=skip works with DDP only; under DeepSpeed ({strategy}) the gradients are "
+            f"already reduced into ZeRO buffers when the loss is known: use on_nonfinite_loss=error"
+        )
 
 
-def is_deepspeed(strategy: str) -> bool:
-    return strategy in DEEPSPEED_STAGES
-
-
-def deepspeed_config(strategy: str, batch: BatchPlan, training: TrainingSection) -> dict:
+def deepspeed_config(strategy: Strategy, batch: BatchPlan, training: TrainingSection) -> dict:
     """The complete DeepSpeed JSON for a strategy: every value explicit, no "auto" left.
 
     Clipping is written out even when disabled because DeepSpeed 0.19 silently clips at 1.0 when
     `gradient_clipping` is absent.
     """
-    stage = DEEPSPEED_STAGES[strategy]
+    stage = strategy.zero_stage
     zero: dict = {"stage": stage}
     if stage == 3:
         # Export and best-model snapshots need the full weights on rank 0; gathering them is what this
         # (oddly named) flag does, for any precision, fp32 included.
         zero["stage3_gather_16bit_weights_on_model_save"] = True
-    if strategy == "zero3_offload":
+    if strategy.offload:
         zero["offload_optimizer"] = {"device": "cpu", "pin_memory": True}
         zero["offload_param"] = {"device": "cpu", "pin_memory": True}
     return {
@@ -204,15 +244,15 @@ class MemoryEstimate:
         return self.parameters + self.gradients + self.optimizer
 
 
-def memory_estimate(num_parameters: int, strategy: str, precision: str, world_size: int) -> MemoryEstimate:
+def memory_estimate(num_parameters: int, strategy: Strategy, precision: str, world_size: int) -> MemoryEstimate:
     """Model-state bytes per rank: weights, gradients, and the optimizer's share - AdamW's m and v,
     plus the fp32 master copy of the weights that DeepSpeed keeps in 16-bit training (and, under
     ZeRO-1/2, in fp32 too: its partition is a separate flat copy). DDP and ZeRO-0 keep
     everything on every rank; ZeRO-1 shards the optimizer state, ZeRO-2 also the gradients, ZeRO-3
     also the weights; offload moves the optimizer state and the weights to host memory."""
     n = num_parameters
-    stage = DEEPSPEED_STAGES.get(strategy, 0)
-    sixteen_bit_weights = precision in ("bf16", "fp16") and is_deepspeed(strategy)
+    stage = strategy.zero_stage or 0
+    sixteen_bit_weights = precision in ("bf16", "fp16") and strategy.is_deepspeed
     weight_bytes = 2 if sixteen_bit_weights else 4
     params, grads = weight_bytes * n, weight_bytes * n
     # ZeRO-1/2 step a flat fp32 copy of this rank's partition even in fp32 training; ZeRO-3 in fp32
@@ -226,7 +266,7 @@ def memory_estimate(num_parameters: int, strategy: str, precision: str, world_si
     if stage >= 3:
         params /= world_size
     cpu = 0.0
-    if strategy == "zero3_offload":
+    if strategy.offload:
         cpu = optimizer + params
         optimizer, params = 0.0, 0.0
     return MemoryEstimate(params, grads, optimizer, cpu)

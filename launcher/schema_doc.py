@@ -7,7 +7,8 @@ import typing
 from pydantic import BaseModel
 from pydantic_core import PydanticUndefined
 
-from .recipe import Recipe, _model_in
+from .recipe import _model_in
+from .schema import recipe_schema
 
 
 def _type_name(annotation) -> str:
@@ -56,13 +57,13 @@ def recipe_reference() -> str:
     lines = [
         "# Recipe reference",
         "",
-        "Generated from the schema in `launcher/recipe.py` by `launcher schema` (a test checks this file is current).",
+        "Generated from the schema (`launcher/schema.py` and each task's own section) by `launcher schema` (a test checks this file is current).",
         "Unknown keys are errors. A recipe may start with `base: other.yaml` (merged key by key, this file wins);",
         "any field can be overridden on the command line as `section.key=value`.",
         "",
         "| key | type | default | meaning |",
         "|---|---|---|---|",
-        *_rows(Recipe),
+        *_rows(recipe_schema()),
         "",
     ]
     return "\n".join(lines)

@@ -78,7 +78,7 @@ def main(argv=None) -> int:
     if not args.no_tokenizer:
         sys.path.insert(0, str(REPO))
         from launcher.paths import resolve_path
-        from launcher.tasks.causal_lm_sft import save_gguf_tokenizer
+        from launcher.model_io import save_gguf_tokenizer
 
         directory = resolve_path(args.model)
         if not (directory / args.gguf_file).is_file():

@@ -103,3 +103,29 @@ def read_events(run_dir: Path, event: str | None = None) -> list[dict]:
     lines = (run_dir / "metrics.jsonl").read_text().splitlines()
     events = [json.loads(line) for line in lines]
     return [e for e in events if event is None or e["event"] == event]
+
+
+def losses(run_dir: Path) -> list[float]:
+    """The per-step training losses a run logged (log_every 1)."""
+    return [e["loss"] for e in read_events(run_dir, "train")]
+
+
+def weights(run_dir: Path) -> dict:
+    from safetensors.torch import load_file
+
+    return load_file(str(run_dir / "model" / "model.safetensors"))
+
+
+# The attention key bias adds the same q.b_k to every score in a softmax row, so its gradient is zero
+# in exact arithmetic; Adam divides the float noise left in its place by its own tiny RMS and turns
+# it into full-size random steps. Its value is noise in *any* run, so it is not compared.
+ZERO_GRADIENT = ("attention.self.key.bias",)
+
+
+def assert_same_weights(a: dict, b: dict, rel: float = 1e-5) -> None:
+    assert a.keys() == b.keys()
+    for name in a:
+        if name.endswith(ZERO_GRADIENT):
+            continue
+        diff = (a[name].double() - b[name].double()).norm() / a[name].double().norm().clamp_min(1e-12)
+        assert diff <= rel, f"{name}: relative difference {diff:.2e}"

@@ -25,7 +25,7 @@ from pathlib import Path
 
 from .. import faults
 from ..errors import LauncherError
-from .outputs import write_json_atomic, write_text_atomic
+from ..files import write_json_atomic, write_text_atomic
 
 STATE_FILE = "trainer_state.json"
 _STEP_DIR = re.compile(r"^step-(\d+)$")

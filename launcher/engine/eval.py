@@ -9,11 +9,18 @@ from pathlib import Path
 
 from ..data import prepare_data
 from ..errors import DataError, LauncherError
-from ..recipe import Recipe, load_recipe
+from ..files import write_json_atomic, write_jsonl_atomic
+from ..finetune import load_exported
+from ..model_io import load_tokenizer
+from ..recipe import load_recipe
+from ..schema import Recipe
+from ..tasks import TASKS
+from ..tasks.prompting import PromptClassificationTask
 from .evaluate import predict
 from .log import RankLog
-from .outputs import check_writable, write_json_atomic, write_jsonl_atomic
+from .outputs import check_writable
 from .setup import build_accelerator, plan_topology, shutdown_distributed
+from .telemetry import summary
 
 
 def eval_recipe(recipe_path: str, overrides: list[str], checkpoint: Path | None) -> Recipe:
@@ -45,13 +52,11 @@ def run_evaluation(recipe_path: str, overrides: list[str], split: str, checkpoin
 def _evaluate(recipe, split: str, checkpoint: Path | None, output: Path | None, accelerator) -> dict | None:
     from accelerate.utils import set_seed
 
-    from ..model_io import load_tokenizer
-    from ..tasks import TASKS
-    from ..tasks.prompting import PromptClassificationTask
-
     log = RankLog(accelerator.process_index, accelerator.num_processes)
     set_seed(recipe.training.seed)
     task = PromptClassificationTask(recipe) if recipe.prompt is not None else TASKS[recipe.task](recipe)
+    task.say = log.info
+    task.check_limits()
     out_dir = output or (recipe.output_dir() / "eval")
     check_writable(out_dir)
     if checkpoint is not None:
@@ -64,8 +69,6 @@ def _evaluate(recipe, split: str, checkpoint: Path | None, output: Path | None, 
     if split not in data.features:
         raise DataError(f"--split {split}: the recipe's data has no {split} split (it has {', '.join(data.features)})")
     if checkpoint is not None:
-        from ..finetune import load_exported
-
         model, _ = load_exported(checkpoint)
     else:
         model = task.build_model(tokenizer)
@@ -82,9 +85,7 @@ def _evaluate(recipe, split: str, checkpoint: Path | None, output: Path | None, 
                   "prompt": recipe.prompt.model_dump() if recipe.prompt else None, "metrics": metrics}
         write_json_atomic(out_dir / f"{split}.json", result)
         write_jsonl_atomic(out_dir / f"{split}-predictions.jsonl", task.prediction_rows(records, data.raw[split]))
-        from .run import _summary
-
-        log.info(f"{split}: {_summary(metrics, task)}")
+        log.info(f"{split}: {summary(metrics, task)}")
         log.info(f"metrics: {out_dir / f'{split}.json'}")
     accelerator.wait_for_everyone()
     return result

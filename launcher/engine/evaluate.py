@@ -31,10 +31,13 @@ def predict(model, features, task, tokenizer, accelerator, batch_size: int) -> l
 
     was_training = model.training
     model.eval()
+    # Tasks get the plain module: a forward or generate() on it gathers ZeRO-3 shards through the hooks
+    # DeepSpeed put on its submodules, and needs none of the wrapper's training-time bookkeeping.
+    module = accelerator.unwrap_model(model)
     local: list[dict] = []
     for chunk in batches(eval_shard(len(features), accelerator.num_processes, accelerator.process_index), batch_size):
         batch = to_device(task.collate(features[chunk], tokenizer), accelerator.device)
-        local.extend(task.predict_batch(model, batch, accelerator))
+        local.extend(task.predict_batch(module, batch, tokenizer))
     if was_training:
         model.train()
     gathered = gather_object(local) if accelerator.num_processes > 1 else local

@@ -14,7 +14,6 @@ Layout (README "What is written where"):
 
 from __future__ import annotations
 
-import json
 import os
 import shutil
 import tempfile
@@ -22,9 +21,13 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import yaml
+from pydantic import ValidationError
 
 from ..errors import LauncherError
 from ..paths import resolve_path
+from ..recipe import recipe_base_dir
+from ..schema import recipe_schema
+from .checkpoint import is_complete, latest_checkpoint
 
 # Files a previous run may have left; removed when output.overwrite=true so nothing stale mixes in.
 RUN_ARTIFACTS = ("recipe.yaml", "deepspeed_config.json", "metrics.jsonl", "metrics.json", "predictions", "model",
@@ -56,6 +59,9 @@ def check_writable(path: Path) -> None:
 RESUME_MAY_CHANGE = {
     "output.overwrite", "checkpoint.resume", "checkpoint.every_steps", "checkpoint.every_epoch",
     "checkpoint.keep_last", "distributed.timeout_minutes", "training.log_every",
+    # `launcher run` passes the strategy it resolved from `auto`; whether a checkpoint can continue under
+    # another strategy is checkpoint.check_resumable's decision, made on the strategies themselves.
+    "distributed.strategy",
 }
 
 
@@ -79,12 +85,8 @@ def _flatten(data, prefix="") -> dict:
 def _normalized(saved: dict) -> dict:
     """A saved recipe as the current schema reads it: fields added since it was written take their
     defaults, so a run directory from an older launcher version compares on what its user set."""
-    from pydantic import ValidationError
-
-    from ..recipe import Recipe
-
     try:
-        return Recipe.model_validate(saved).model_dump(mode="json")
+        return recipe_schema().model_validate(saved).model_dump(mode="json")
     except ValidationError:
         return saved  # no longer a valid recipe: compare it as written
 
@@ -97,9 +99,6 @@ def recipe_differences(saved: dict, current: dict) -> list[str]:
 
 def decide_start(recipe) -> StartDecision:
     """Fresh run, resume, or refuse - decided before anything is written."""
-    from ..recipe import recipe_base_dir
-    from .checkpoint import is_complete, latest_checkpoint
-
     path = output_dir_for(recipe)
     if path.exists() and not path.is_dir():
         raise LauncherError(f"output.dir: {path} exists and is not a directory; choose another output.dir")
@@ -151,42 +150,3 @@ def prepare_output_dir(path: Path) -> None:
             shutil.rmtree(target)
         elif target.exists():
             target.unlink()
-
-
-def write_text_atomic(path: Path, text: str) -> None:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    try:
-        with os.fdopen(fd, "w", encoding="utf-8") as handle:
-            handle.write(text)
-            handle.flush()
-            os.fsync(handle.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
-
-
-def write_json_atomic(path: Path, obj) -> None:
-    write_text_atomic(path, json.dumps(obj, indent=2, sort_keys=False, default=_json_default) + "\n")
-
-
-def write_jsonl_atomic(path: Path, rows) -> None:
-    write_text_atomic(path, "".join(json.dumps(row, default=_json_default) + "\n" for row in rows))
-
-
-def _json_default(value):
-    if hasattr(value, "tolist"):
-        return value.tolist()
-    return str(value)
-
-
-def replace_dir_atomic(staging: Path, target: Path) -> None:
-    """Move a fully written ``staging`` directory to ``target``; a reader sees the old or the new one."""
-    old = None
-    if target.exists():
-        old = target.with_name(f".{target.name}.old-{os.getpid()}")
-        os.replace(target, old)
-    os.replace(staging, target)
-    if old is not None:
-        shutil.rmtree(old, ignore_errors=True)

@@ -21,12 +21,14 @@ from contextlib import nullcontext
 
 import torch
 
-from .. import faults
+from .. import faults, timing
 from ..data import prepare_data
 from ..errors import DataError, StopRequested, TrainingError
 from ..model_io import load_tokenizer
-from ..plan import is_deepspeed, total_optimizer_steps
-from ..recipe import Recipe, recipe_to_yaml
+from ..finetune import apply_method, export_merged
+from ..plan import total_optimizer_steps
+from ..recipe import recipe_to_yaml
+from ..schema import Recipe
 from ..sampling import rank_micro_batches, steps_per_epoch
 from ..tasks import TASKS
 from .checkpoint import (
@@ -40,9 +42,11 @@ from .checkpoint import (
     save_checkpoint,
 )
 from .evaluate import predict, to_device
-from .log import RankLog, format_seconds
-from .outputs import decide_start, prepare_output_dir, write_json_atomic, write_jsonl_atomic, write_text_atomic
-from .setup import build_accelerator, plan_topology
+from .log import RankLog
+from ..files import replace_dir_atomic, write_json_atomic, write_jsonl_atomic, write_text_atomic
+from .outputs import decide_start, prepare_output_dir
+from .setup import build_accelerator, plan_topology, shutdown_distributed
+from .telemetry import LossWindow, announce, first_step_event, log_train, memory_report, scalars, summary
 from .weights import (
     count_parameters,
     export_pretrained,
@@ -63,11 +67,24 @@ def _quiet_libraries(is_main: bool) -> None:
         logging.getLogger(name).setLevel(logging.WARNING)
 
 
-class StopFlag:
-    """Set by a stop signal to this process or by the STOP file; read once per step."""
+def attempt_start() -> float:
+    """When this attempt at the run began (epoch seconds): what launched the ranks says so in
+    LAUNCHER_ATTEMPT_START (`launcher run`, the sbatch script, before starting any rank), else this
+    process's own start. A STOP file older than that belongs to an earlier attempt."""
+    value = os.environ.get("LAUNCHER_ATTEMPT_START")
+    try:
+        return float(value) if value else time.time() - timing.since_process_start()
+    except ValueError:
+        return time.time() - timing.since_process_start()
 
-    def __init__(self, stop_file):
+
+class StopFlag:
+    """Set by a stop signal to this process or by a STOP file written during this attempt (a stop
+    request that arrives while the ranks are still starting up is kept, not lost); read once per step."""
+
+    def __init__(self, stop_file, since: float):
         self.stop_file = stop_file
+        self.since = since
         self.reason: str | None = None
         for sig in STOP_SIGNALS:
             signal.signal(sig, self._on_signal)
@@ -76,9 +93,16 @@ class StopFlag:
         self.reason = signal.Signals(signum).name
 
     def requested(self) -> bool:
-        if self.reason is None and self.stop_file.exists():
+        if self.reason is None and is_current_stop_file(self.stop_file, self.since):
             self.reason = f"{self.stop_file.name} file"
         return self.reason is not None
+
+
+def is_current_stop_file(path, since: float) -> bool:
+    try:
+        return path.stat().st_mtime >= since
+    except FileNotFoundError:
+        return False
 
 
 class FineTuneRun:
@@ -101,8 +125,11 @@ class FineTuneRun:
 
         set_seed(recipe.training.seed)
         self.task = task = TASKS[recipe.task](recipe)
+        task.check_limits()
         # Multiples of 8 feed GPU tensor cores; on a CPU padding is only extra work.
         task.pad_to_multiple_of = recipe.training.pad_to_multiple_of or (8 if accelerator.device.type == "cuda" else 1)
+        task.synced_generation = self.topology.strategy.shards_weights and self.world_size > 1
+        task.say = log.info
         self.start = decide_start(recipe)
         self.out_dir = self.start.run_dir
         self.tokenizer = load_tokenizer(recipe)
@@ -117,24 +144,24 @@ class FineTuneRun:
             )
         training = recipe.training
         self.total_steps = total_optimizer_steps(training, self.steps_per_epoch)
-        from ..finetune import apply_method
-
         self.model = apply_method(task.build_model(self.tokenizer), recipe, task)
 
         # Everything the user could have got wrong has been checked; now the run directory is written.
         self.stop_file = self.out_dir / "STOP"
+        self.attempt_start = attempt_start()
         if accelerator.is_main_process:
             if self.start.resume_from is None:
                 prepare_output_dir(self.out_dir)
             else:
                 remove_partials(self.out_dir)
-            self.stop_file.unlink(missing_ok=True)  # a stop request belongs to the run it stopped
+            if not is_current_stop_file(self.stop_file, self.attempt_start):
+                self.stop_file.unlink(missing_ok=True)  # an earlier attempt's stop request was answered
             write_text_atomic(self.out_dir / "recipe.yaml", recipe_to_yaml(recipe))
             if self.topology.deepspeed_config:
                 write_json_atomic(self.out_dir / "deepspeed_config.json", self.topology.deepspeed_config)
             log.metrics_path = self.out_dir / "metrics.jsonl"
         accelerator.wait_for_everyone()
-        self.stop = StopFlag(self.stop_file)
+        self.stop = StopFlag(self.stop_file, self.attempt_start)
 
         optimizer = torch.optim.AdamW(
             optimizer_param_groups(self.model, training.weight_decay),
@@ -155,8 +182,8 @@ class FineTuneRun:
             num_training_steps=self.total_steps,
         )
         self.model, self.optimizer = accelerator.prepare(self.model, optimizer)
-        self.deepspeed = is_deepspeed(self.topology.strategy)
-        self.state = TrainerState(world_size=self.world_size, strategy=self.topology.strategy,
+        self.deepspeed = self.topology.strategy.is_deepspeed
+        self.state = TrainerState(world_size=self.world_size, strategy=str(self.topology.strategy),
                                   global_batch_size=batch.global_batch_size)
         if self.start.resume_from is not None:
             self._resume(self.start.resume_from)
@@ -166,14 +193,14 @@ class FineTuneRun:
 
     def _resume(self, directory) -> None:
         saved = TrainerState.read(directory)
-        check_resumable(saved, self.topology.strategy, self.world_size, self.topology.batch.global_batch_size, directory)
+        check_resumable(saved, str(self.topology.strategy), self.world_size, self.topology.batch.global_batch_size, directory)
         self.state = load_checkpoint(self.accelerator, directory)
         self.scheduler.load_state_dict(self.state.scheduler)
         if self.accelerator.is_main_process:
             # Best weights saved after this checkpoint belong to the lost attempt.
             keep = {self.state.best["step"]} if self.state.best else set()
             prune_best(self.out_dir, keep_steps=keep)
-        self.state.world_size, self.state.strategy = self.world_size, self.topology.strategy
+        self.state.world_size, self.state.strategy = self.world_size, str(self.topology.strategy)
         self.log.info(f"resumed from {directory} at step {self.state.step} (epoch {self.state.epoch}, "
                       f"step {self.state.step_in_epoch} of it)")
         if self.accelerator.is_main_process:
@@ -188,37 +215,11 @@ class FineTuneRun:
         self.log.event({"event": "resume", "step": self.state.step, "checkpoint": str(directory)})
 
     def _announce(self, warmup: int) -> None:
-        log, data, batch = self.log, self.data, self.topology.batch
-        trainable, total = count_parameters(self.model)
-        sizes = ", ".join(f"{name} {len(ds)}" for name, ds in data.features.items())
-        dropped = {k: v for k, v in data.dropped.items() if v}
-        log.info(f"run directory: {self.out_dir}")
-        log.info(
-            f"strategy {self.topology.strategy} on {self.world_size} process(es) ({self.topology.backend}, "
-            f"{self.accelerator.device.type}); precision {self.recipe.training.precision}"
-        )
-        log.info(f"batch: {batch.describe()}")
-        log.info(
-            f"data: {sizes}" + (f"; dropped rows with other labels: {dropped}" if dropped else "")
-            + ("; features from cache" if all(data.cached.values()) else "")
-        )
-        tail = len(self.train_features) - self.steps_per_epoch * batch.global_batch_size
-        log.info(
-            f"steps: {self.total_steps} ({self.steps_per_epoch} per epoch, {tail} examples per epoch fall off "
-            f"the last incomplete global batch), warmup {warmup}"
-        )
-        if any(data.truncated.values()):
-            cut = ", ".join(f"{name} {count} of {len(data.features[name])}" for name, count in data.truncated.items())
-            log.info(f"truncated at {self.task.length_limits()}: {cut} (raise the limit to keep more of each example)")
-        log.info(f"parameters: {trainable:,} trainable of {total:,} ({100 * trainable / max(total, 1):.2f}%; "
-                 f"finetune.method {self.recipe.finetune.method})")
-        if self.start.resume_from is None:
-            log.event({"event": "start", "world_size": self.world_size, "strategy": self.topology.strategy,
-                       **batch.as_dict(), "total_steps": self.total_steps, "steps_per_epoch": self.steps_per_epoch,
-                       "trainable_parameters": trainable, "parameters": total,
-                       "trainable_share": trainable / max(total, 1), "finetune_method": self.recipe.finetune.method,
-                       "examples": {k: len(v) for k, v in data.features.items()}, "dropped": data.dropped,
-                       "truncated": data.truncated})
+        announce(self.log, out_dir=self.out_dir, strategy=self.topology.strategy, world_size=self.world_size,
+                 backend=self.topology.backend, device_type=self.accelerator.device.type, recipe=self.recipe,
+                 batch=self.topology.batch, data=self.data, steps_per_epoch=self.steps_per_epoch,
+                 total_steps=self.total_steps, warmup=warmup, length_limits=self.task.length_limits(),
+                 parameters=count_parameters(self.model), fresh=self.start.resume_from is None)
         self._write_status("running")
 
     def _write_status(self, state: str, **extra) -> None:
@@ -234,7 +235,7 @@ class FineTuneRun:
         has_validation = "validation" in self.data.features
         lengths = self._train_lengths() if training.group_by_length else None
         self.model.train()
-        self.window = _LossWindow()
+        self.window = LossWindow()
         start = time.perf_counter()
         steps_at_start = state.step
         while state.step < self.total_steps and not self._early_stopped():
@@ -247,10 +248,13 @@ class FineTuneRun:
                 state.step += 1
                 state.step_in_epoch += 1
                 if state.step == steps_at_start + 1:
-                    self._first_step_done(time.perf_counter() - start)
+                    memory = memory_report(self.accelerator.unwrap_model(self.model), self.optimizer, self.topology.strategy)
+                    self.log.event(first_step_event(state.step, time.perf_counter() - start, memory))
                 if state.step % training.log_every == 0 or state.step == self.total_steps:
                     self._flush_losses()
-                    self._log_train(time.perf_counter() - start, state.step - steps_at_start)
+                    log_train(self.log, self.window, step=state.step, total_steps=self.total_steps,
+                              steps_per_epoch=self.steps_per_epoch, global_batch_size=self.topology.batch.global_batch_size,
+                              elapsed=time.perf_counter() - start, steps_done=state.step - steps_at_start)
                 if has_validation and evaluation.every_steps and state.step % evaluation.every_steps == 0:
                     self.validate()
                 if checkpointing.every_steps and state.step % checkpointing.every_steps == 0:
@@ -325,7 +329,7 @@ class FineTuneRun:
                 return True
         if self.deepspeed:
             # ZeRO-0 does not report the norm it clips with; gradients are already averaged here.
-            grad_norm = _grad_norm(model.parameters()) if self.topology.strategy == "zero0" else None
+            grad_norm = _grad_norm(model.parameters()) if self.topology.strategy.zero_stage == 0 else None
             model.step()  # clips (gradient_clipping), steps and zeroes at the boundary
             grad_norm = model.get_global_grad_norm() if grad_norm is None else grad_norm
         else:
@@ -377,50 +381,6 @@ class FineTuneRun:
                 )
         self.window.settle(totals)
 
-    def _first_step_done(self, seconds_in_loop: float) -> None:
-        from .. import timing
-
-        since_start = timing.since_process_start()
-        self.log.event({"event": "first_step", "step": self.state.step, "seconds_in_loop": round(seconds_in_loop, 3),
-                        "seconds_since_start": round(since_start, 3), "import_seconds": round(timing.import_seconds(), 3),
-                        **self._memory_report()})
-
-    def _memory_report(self) -> dict:
-        """Bytes of model state this rank holds (what the plan's estimate predicts)."""
-        def nbytes(tensors) -> int:
-            return int(sum(t.numel() * t.element_size() for t in tensors if torch.is_tensor(t)))
-
-        model = self.accelerator.unwrap_model(self.model)
-        optimizer = self.optimizer
-        while hasattr(optimizer, "optimizer"):  # accelerate / DeepSpeed wrappers around the torch AdamW
-            optimizer = optimizer.optimizer
-        state_tensors = [v for per_param in optimizer.state.values() for v in per_param.values()]
-        # Under ZeRO-1/2/3 the torch optimizer steps DeepSpeed's flat fp32 partitions: a master copy
-        # of this rank's share of the weights, held besides the model's own parameters.
-        stepped = [p for group in optimizer.param_groups for p in group["params"]]
-        master = nbytes(stepped) if self.deepspeed and self.topology.strategy != "zero0" else 0
-        # Under ZeRO-3 a parameter's data is a placeholder; this rank's share is its ds_tensor.
-        return {"rank_parameter_bytes": nbytes(getattr(p, "ds_tensor", p.data) for p in model.parameters()),
-                "rank_optimizer_state_bytes": nbytes(state_tensors) + master,
-                "rank_adam_moment_bytes": nbytes(state_tensors), "rank_master_weight_bytes": master}
-
-    def _log_train(self, elapsed: float, steps_done: int) -> None:
-        step = self.state.step
-        loss, targets, samples_steps, grad_norm, lr, seconds, tokens, padded_tokens = self.window.take()
-        loss = loss / targets if targets else float("nan")
-        rate = samples_steps * self.topology.batch.global_batch_size / seconds if seconds > 0 else float("nan")
-        eta = (self.total_steps - step) * (elapsed / max(steps_done, 1))
-        grad_norm = float(grad_norm) if grad_norm is not None else float("nan")
-        epoch = step / self.steps_per_epoch
-        self.log.info(
-            f"step {step}/{self.total_steps} | epoch {epoch:.2f} | loss {loss:.4f} | lr {lr:.3e} | "
-            f"grad_norm {grad_norm:.3f} | {rate:.1f} samples/s | eta {format_seconds(eta)}"
-        )
-        self.log.event({"event": "train", "step": step, "epoch": round(epoch, 4), "loss": loss, "lr": lr,
-                        "grad_norm": grad_norm, "samples_per_second": rate, "elapsed_s": round(elapsed, 3),
-                        "window_s": round(seconds, 4), "samples": samples_steps * self.topology.batch.global_batch_size,
-                        "tokens": int(tokens), "padded_tokens": int(padded_tokens)})
-
     # ------------------------------------------------------------------------------------
     def checkpoint(self):
         self._flush_losses()  # never checkpoint weights that a non-finite loss already spoiled
@@ -464,10 +424,10 @@ class FineTuneRun:
         state.last_validation_step = state.step
         improved = [False]
         if self.accelerator.is_main_process:
-            state.last_validation = _scalars(metrics)
+            state.last_validation = scalars(metrics)
             self.validation_reports[state.step] = metrics
-            self.log.info(f"validation @ step {state.step}: {_summary(metrics, self.task)}")
-            self.log.event({"event": "eval", "split": "validation", "step": state.step, **_scalars(metrics)})
+            self.log.info(f"validation @ step {state.step}: {summary(metrics, self.task)}")
+            self.log.event({"event": "eval", "split": "validation", "step": state.step, **scalars(metrics)})
             if evaluation.best_metric:
                 value = metrics[evaluation.best_metric]
                 greater = self.task.best_is_greater()
@@ -480,7 +440,7 @@ class FineTuneRun:
         if improved[0]:
             if self.accelerator.is_main_process:
                 state.best = {"metric": evaluation.best_metric, "value": metrics[evaluation.best_metric],
-                              "step": state.step, "metrics": _scalars(metrics)}
+                              "step": state.step, "metrics": scalars(metrics)}
             state.best = broadcast_object_list([state.best])[0] if self.world_size > 1 else state.best
             export_pretrained(self.accelerator, self.model, self.tokenizer, best_dir(self.out_dir, state.step),
                               self.recipe, self.task)
@@ -513,24 +473,21 @@ class FineTuneRun:
             metrics, records = self.evaluate("test")
             if accelerator.is_main_process:
                 results["test"] = metrics
-                log.info(f"test: {_summary(metrics, self.task)}")
-                log.event({"event": "eval", "split": "test", "step": state.step, **_scalars(metrics)})
+                log.info(f"test: {summary(metrics, self.task)}")
+                log.event({"event": "eval", "split": "test", "step": state.step, **scalars(metrics)})
                 if self.recipe.output.save_predictions:
                     rows = self.task.prediction_rows(records, self.data.raw["test"])
                     write_jsonl_atomic(out / "predictions" / "test.jsonl", rows)
         if self.recipe.output.export_model:
             export_pretrained(accelerator, self.model, self.tokenizer, out / "model", self.recipe, self.task)
             if self.recipe.finetune.merge_on_export and accelerator.is_main_process:
-                from ..finetune import export_merged
-                from .outputs import replace_dir_atomic
-
                 staging = out / f".model-merged.partial-{os.getpid()}"
                 export_merged(out / "model", staging)
                 replace_dir_atomic(staging, out / "model-merged")
         if accelerator.is_main_process:
             results["train"] = {"steps": state.step, "epochs": round(state.step / self.steps_per_epoch, 4),
                                 "runtime_s": round(self.train_seconds, 2), "skipped_steps": self.skipped_steps,
-                                "world_size": self.world_size, "strategy": self.topology.strategy,
+                                "world_size": self.world_size, "strategy": str(self.topology.strategy),
                                 **self.topology.batch.as_dict()}
             write_json_atomic(out / "metrics.json", results)
             import resource
@@ -547,50 +504,9 @@ class FineTuneRun:
     def close(self) -> None:
         accelerator = getattr(self, "accelerator", None)
         if accelerator is not None:
-            from .setup import shutdown_distributed
-
             # The model (DDP reducer / DeepSpeed engine) and the control group hold the process groups.
             self.model = self.optimizer = self.scheduler = self._gloo_group = None
             shutdown_distributed(accelerator)
-
-
-class _LossWindow:
-    """Per-step device losses waiting to be read, and host sums since the last log line."""
-
-    def __init__(self):
-        self._steps, self._losses = [], []
-        self._settled_loss = self._targets = 0.0
-        self._settled_steps = 0
-        self._unsettled_targets: list[float] = []
-        self.grad_norm, self.lr = None, 0.0
-        self.tokens = self.padded_tokens = 0.0
-        self._started = time.perf_counter()
-
-    def add(self, step, loss, targets, grad_norm, lr, tokens=0.0, padded_tokens=0.0) -> None:
-        self.tokens += tokens
-        self.padded_tokens += padded_tokens
-        self._steps.append(step)
-        self._losses.append(loss)
-        self._unsettled_targets.append(targets)
-        self.grad_norm, self.lr = grad_norm, lr
-
-    def pending(self):
-        return self._steps, self._losses
-
-    def settle(self, totals: list[float]) -> None:
-        self._settled_loss += sum(totals)
-        self._targets += sum(self._unsettled_targets)
-        self._settled_steps += len(totals)
-        self._steps, self._losses, self._unsettled_targets = [], [], []
-
-    def take(self):
-        seconds = time.perf_counter() - self._started
-        values = (self._settled_loss, self._targets, self._settled_steps, self.grad_norm, self.lr, seconds,
-                  self.tokens, self.padded_tokens)
-        self._settled_loss = self._targets = self.tokens = self.padded_tokens = 0.0
-        self._settled_steps = 0
-        self._started = time.perf_counter()
-        return values
 
 
 def _grad_norm(parameters) -> torch.Tensor:
@@ -598,21 +514,6 @@ def _grad_norm(parameters) -> torch.Tensor:
     if not grads:
         return torch.zeros(())
     return torch.linalg.vector_norm(torch.stack([torch.linalg.vector_norm(g.float()) for g in grads]))
-
-
-def _scalars(metrics: dict) -> dict:
-    return {k: v for k, v in metrics.items() if isinstance(v, (int, float))}
-
-
-def _summary(metrics: dict, task=None) -> str:
-    """loss + the task's headline metrics (the first key of each configured metric), for log lines."""
-    keys = ["loss"]
-    if task is not None:
-        for name in task.recipe.evaluation.metrics:
-            produced = task.metric_keys.get(name, [name.split(":", 1)[-1]])
-            keys.extend(produced[:1])
-    present = [k for k in dict.fromkeys(keys) if isinstance(metrics.get(k), (int, float))]
-    return ", ".join(f"{k} {metrics[k]:.4f}" for k in present) + f" ({metrics.get('num_examples', '?')} examples)"
 
 
 def run_training(recipe: Recipe) -> dict | None:

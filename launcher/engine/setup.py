@@ -10,23 +10,13 @@ from datetime import timedelta
 import torch
 
 from ..errors import TopologyError
-from ..plan import (
-    BatchPlan,
-    check_accelerate_accumulation,
-    check_accelerate_clipping,
-    check_accelerate_precision,
-    check_accelerate_zero3_export,
-    deepspeed_config,
-    is_deepspeed,
-    resolve_batch,
-    resolve_strategy,
-)
-from ..recipe import Recipe
+from ..plan import BatchPlan, Strategy, check_launch, deepspeed_config, resolve_batch, resolve_strategy
+from ..schema import Recipe
 
 
 @dataclass
 class Topology:
-    strategy: str
+    strategy: Strategy
     batch: BatchPlan
     deepspeed_config: dict | None
     backend: str
@@ -38,23 +28,13 @@ def launched_world_size(env=None) -> int:
 
 
 def plan_topology(recipe: Recipe, env=None) -> Topology:
+    """This rank's view of the launch: the strategy (recipe vs what `accelerate launch` was told), the
+    batch plan for the world size it was started in, and the same checks `launcher run` made."""
     env = os.environ if env is None else env
     strategy = resolve_strategy(recipe.distributed.strategy, env)
     batch = resolve_batch(recipe.training, launched_world_size(env))
-    check_accelerate_accumulation(env, batch)
-    check_accelerate_precision(env, recipe.training.precision)
-    check_accelerate_zero3_export(env, strategy)
-    check_accelerate_clipping(env, recipe.training.max_grad_norm)
-    if recipe.training.precision == "fp16" and not torch.cuda.is_available():
-        raise TopologyError("training.precision=fp16 needs a GPU; on CPU use fp32 (or bf16, which is slow on most CPUs)")
-    if is_deepspeed(strategy) and recipe.training.compile:
-        raise TopologyError(f"training.compile works with DDP only, not under DeepSpeed ({strategy}); set training.compile=false")
-    if is_deepspeed(strategy) and recipe.training.on_nonfinite_loss == "skip":
-        raise TopologyError(
-            f"training.on_nonfinite_loss=skip works with DDP only; under DeepSpeed ({strategy}) the gradients are "
-            f"already reduced into ZeRO buffers when the loss is known: use on_nonfinite_loss=error"
-        )
-    ds_config = deepspeed_config(strategy, batch, recipe.training) if is_deepspeed(strategy) else None
+    check_launch(recipe.training, strategy, batch, env, cuda=torch.cuda.is_available())
+    ds_config = deepspeed_config(strategy, batch, recipe.training) if strategy.is_deepspeed else None
     # Gloo on CPU. Naming the backend explicitly matters: under `accelerate launch --use_deepspeed`
     # on a CPU-only host Accelerate otherwise reports num_processes=1 / process_index=0 on every rank.
     backend = "nccl" if torch.cuda.is_available() else "gloo"

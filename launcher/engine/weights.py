@@ -7,7 +7,8 @@ from pathlib import Path
 
 import torch
 
-from .outputs import replace_dir_atomic
+from ..files import replace_dir_atomic
+from ..finetune import is_peft, read_weights, save_weights, trainable_state
 
 
 def full_state_dict(accelerator, model) -> dict | None:
@@ -50,8 +51,6 @@ def restore_exported(accelerator, model, directory: Path) -> None:
     """Load weights written by ``export_pretrained`` back into the live model (collective under ZeRO-3)."""
     from safetensors.torch import load_file
 
-    from ..finetune import read_weights
-
     state = None
     if accelerator.is_main_process or not is_zero3(model):
         restore = directory / RESTORE_FILE
@@ -63,8 +62,6 @@ def export_pretrained(accelerator, model, tokenizer, target: Path, recipe, task,
     """Export the model (safetensors) + tokenizer into ``target`` the way recipe.finetune.method needs,
     atomically; all ranks call this (gathering ZeRO-3 shards is a collective)."""
     from safetensors.torch import save_file
-
-    from ..finetune import is_peft, save_weights, trainable_state
 
     if state is None:
         state = full_state_dict(accelerator, model)

@@ -8,25 +8,29 @@ forwards SIGTERM, so a file is the one channel that reaches every rank of every 
 from __future__ import annotations
 
 import json
+import os
 import signal
 import subprocess
 import sys
+import time
 
 from rich.console import Console
 
 from ..errors import EXIT_FAILURE, EXIT_OK, EXIT_STOPPED
-from .plan import LaunchPlan, describe, write_launch_files
+from . import accelerate
+from .plan import LaunchPlan, describe
 
 
 def print_plan(plan: LaunchPlan, console: Console | None = None, show_command: bool = True) -> None:
     # Plain aligned lines rather than a boxed table: plans end up in job logs, greps and tickets.
     console = console or Console(highlight=False, soft_wrap=True)
     console.print("launch plan", style="bold")
-    for label, value in describe(plan):
+    rows = describe(plan) + [("accelerate config", str(accelerate.config_path(plan)))]
+    for label, value in rows:
         console.print(f"  {label + ':':<19}{value}", markup=False)
     if show_command:
         console.print("command:", style="bold")
-        console.print(plan.command(), markup=False)
+        console.print(accelerate.command(plan), markup=False)
 
 
 def run_status(plan: LaunchPlan) -> dict:
@@ -38,9 +42,9 @@ def run_status(plan: LaunchPlan) -> dict:
 
 def execute(plan: LaunchPlan, dry_run: bool = False) -> int:
     print_plan(plan)
-    write_launch_files(plan)
+    accelerate.write_launch_files(plan)
     if dry_run:
-        print(f"dry run: nothing started; launch files in {plan.launch_dir} (run {plan.launch_dir / f'command{plan.node_suffix}.sh'} by hand)")
+        print(f"dry run: nothing started; launch files in {plan.launch_dir} (run {accelerate.command_path(plan)} by hand)")
         return EXIT_OK
     stop_file = plan.run_dir / "STOP"
 
@@ -50,8 +54,10 @@ def execute(plan: LaunchPlan, dry_run: bool = False) -> int:
         stop_file.touch()
 
     previous = {sig: signal.signal(sig, request_stop) for sig in (signal.SIGTERM, signal.SIGUSR1)}
+    # A stop requested from now on is for this attempt, even if it comes before the ranks are up.
+    env = {**os.environ, "LAUNCHER_ATTEMPT_START": os.environ.get("LAUNCHER_ATTEMPT_START") or repr(time.time())}
     try:
-        returncode = subprocess.Popen(plan.argv()).wait()
+        returncode = subprocess.Popen(accelerate.argv(plan), env=env).wait()
     finally:
         for sig, handler in previous.items():
             signal.signal(sig, handler)

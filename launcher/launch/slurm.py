@@ -12,11 +12,27 @@ import sys
 from dataclasses import dataclass
 from pathlib import Path
 
+import yaml
+
 from ..errors import LauncherError
+from ..files import write_text_atomic
+from . import accelerate
 from .plan import LaunchPlan
 
 TEMPLATE = Path(__file__).resolve().parents[2] / "slurm" / "job.sbatch"
 _TIME = re.compile(r"^(\d+-)?\d{1,2}(:\d{2}){0,2}$")
+_MEM = re.compile(r"^\d+[KMGT]?B?$", re.I)
+# sbatch options the script itself depends on: given twice they would silently disagree.
+_OWNED_OPTIONS = {
+    "--nodes": "use --nodes", "-N": "use --nodes", "--ntasks-per-node": "one task per node runs the node's ranks",
+    "--gpus-per-node": "use --gpus-per-node", "--time": "use --time", "-t": "use --time",
+    "--signal": "use --signal-seconds", "--requeue": "always on: preempted jobs requeue",
+    "--output": "the log goes to the run directory", "-o": "the log goes to the run directory",
+    "--open-mode": "append, so a requeued job keeps its log", "--job-name": "the recipe name",
+    "--partition": "use --partition", "-p": "use --partition", "--account": "use --account", "-A": "use --account",
+    "--mem": "use --mem", "--qos": "use --qos", "--constraint": "use --constraint", "-C": "use --constraint",
+    "--exclusive": "use --exclusive", "--cpus-per-task": "use --cpus-per-task", "-c": "use --cpus-per-task",
+}
 
 
 class _SbatchTemplate(string.Template):
@@ -34,6 +50,15 @@ class SlurmRequest:
     cpus_per_task: int | None = None
     signal_seconds: int = 120
     job_name: str | None = None
+    mem: str | None = None  # --mem per node, e.g. 64G
+    exclusive: bool = False
+    constraint: str | None = None
+    qos: str | None = None
+    sbatch_args: tuple[str, ...] = ()  # more #SBATCH options, as given (e.g. --reservation=x)
+    setup: tuple[str, ...] = ()  # shell lines run on every node before the launch (module load, conda activate)
+    container_image: str | None = None  # pyxis: run each node's task in this container
+    container_mounts: str | None = None
+    container_python: str = "python"  # the interpreter inside the container
 
 
 def time_limit_seconds(value: str) -> int:
@@ -62,6 +87,14 @@ def check_request(request: SlurmRequest) -> None:
         raise LauncherError("--gpus-per-node must be >= 0 and --nproc-per-node >= 1")
     if not _TIME.match(request.time):
         raise LauncherError(f"--time {request.time!r}: use a Slurm time limit such as 90, 2:00:00 or 1-12:00:00")
+    if request.mem is not None and not _MEM.match(request.mem):
+        raise LauncherError(f"--mem {request.mem!r}: use a Slurm memory size such as 64G, 500M or 0 (all of the node's memory)")
+    for arg in request.sbatch_args:
+        name = arg.split("=", 1)[0].split(" ", 1)[0]
+        if not name.startswith("-"):
+            raise LauncherError(f"--sbatch-arg {arg!r}: give an sbatch option, e.g. --sbatch-arg=--reservation=maint")
+        if name in _OWNED_OPTIONS:
+            raise LauncherError(f"--sbatch-arg {arg!r}: {name} is set by the launcher ({_OWNED_OPTIONS[name]})")
     limit = time_limit_seconds(request.time)
     if request.signal_seconds >= limit:
         raise LauncherError(
@@ -70,15 +103,34 @@ def check_request(request: SlurmRequest) -> None:
         )
 
 
+def _in_single_quotes(text: str) -> str:
+    """Text to put inside the single-quoted per-node script (each ' becomes '\\'')."""
+    return text.replace("'", "'\\''")
+
+
 def render(plan: LaunchPlan, request: SlurmRequest, workdir: Path | None = None) -> str:
     directives = []
-    if request.partition:
-        directives.append(f"#SBATCH --partition={request.partition}")
-    if request.account:
-        directives.append(f"#SBATCH --account={request.account}")
+    for option, value in (("partition", request.partition), ("account", request.account), ("qos", request.qos),
+                          ("constraint", request.constraint), ("mem", request.mem)):
+        if value:
+            directives.append(f"#SBATCH --{option}={value}")
+    if request.exclusive:
+        directives.append("#SBATCH --exclusive")
+    directives += [f"#SBATCH {arg}" for arg in request.sbatch_args]
     gpus = f"#SBATCH --gpus-per-node={request.gpus_per_node}" if request.gpus_per_node else "# (CPU job: no GPUs requested)"
     procs = request.gpus_per_node or request.cpu_procs_per_node
-    train = " ".join(shlex.quote(part) for part in plan.train_argv())
+    workdir = (workdir or Path.cwd()).resolve()
+    run_dir = plan.run_dir.resolve()
+    train = _in_single_quotes(" ".join(shlex.quote(part) for part in plan.train_argv()))
+    setup = "".join(f"    {_in_single_quotes(line)}\n" for line in request.setup)
+    srun_options, python = "", sys.executable
+    if request.container_image:
+        # pyxis (NVIDIA's Slurm plugin): the node's task runs inside the image, with the work and run
+        # directories mounted at the same paths; the interpreter is the image's, not this machine's venv.
+        mounts = request.container_mounts or ",".join(sorted({str(workdir), str(run_dir)}))
+        srun_options = (f"--container-image={shlex.quote(request.container_image)} "
+                        f"--container-mounts={shlex.quote(mounts)} --container-workdir={shlex.quote(str(workdir))} ")
+        python = request.container_python
     return _SbatchTemplate(TEMPLATE.read_text()).substitute(
         job_name=request.job_name or plan.recipe.name,
         nodes=request.nodes,
@@ -86,24 +138,15 @@ def render(plan: LaunchPlan, request: SlurmRequest, workdir: Path | None = None)
         cpus_per_task=request.cpus_per_task or max(procs, 1),
         time=request.time,
         signal_seconds=request.signal_seconds,
-        run_dir=shlex.quote(str(plan.run_dir.resolve())),
+        run_dir=shlex.quote(str(run_dir)),
         extra_directives="\n".join(directives),
-        python=shlex.quote(sys.executable),
+        python=shlex.quote(python),
         cpu_procs_per_node=request.cpu_procs_per_node,
-        workdir=shlex.quote(str((workdir or Path.cwd()).resolve())),
+        workdir=shlex.quote(str(workdir)),
         train_command=train,
+        srun_options=srun_options,
+        node_setup=setup,
     )
-
-
-def slurm_accelerate_config(plan: LaunchPlan) -> dict:
-    """The plan's accelerate config minus what each node fills in at run time."""
-    config = dict(plan.accelerate_config or {})
-    for key in ("machine_rank", "main_process_ip", "main_process_port"):
-        config.pop(key, None)
-    config["rdzv_backend"] = "c10d"
-    if config.get("distributed_type") == "NO":
-        config["distributed_type"] = "MULTI_GPU"  # one process per node, several nodes: still torchrun
-    return config
 
 
 def sbatch_path() -> str:
@@ -120,13 +163,19 @@ def submit(script: Path) -> str:
     return result.stdout.strip().split(";")[0]
 
 
-def write_job(plan: LaunchPlan, request: SlurmRequest) -> Path:
-    from ..engine.outputs import write_text_atomic
-    from .plan import write_launch_files
+def slurm_accelerate_config(plan: LaunchPlan) -> dict:
+    """The accelerate config every node's command reads; each node adds its machine rank and the main
+    address at run time (the sbatch script's srun line)."""
+    config = accelerate.generated_config(plan, per_node=False)
+    if config.get("distributed_type") == "NO":
+        config["distributed_type"] = "MULTI_GPU"  # one process per node, several nodes: still torchrun
+    return config
 
-    plan.accelerate_config = slurm_accelerate_config(plan)
+
+def write_job(plan: LaunchPlan, request: SlurmRequest) -> Path:
     text = render(plan, request)  # before writing anything: a template error leaves no half-made job
-    write_launch_files(plan, command=False)
+    write_text_atomic(plan.launch_dir / "accelerate_config.yaml",
+                      yaml.safe_dump(slurm_accelerate_config(plan), sort_keys=False))
     script = plan.run_dir / "job.sbatch"
     write_text_atomic(script, text)
     os.chmod(script, 0o755)

@@ -11,12 +11,15 @@ from __future__ import annotations
 import hashlib
 import importlib
 import json
-from typing import Any, ClassVar
+import sys
+from typing import Any, Callable, ClassVar
 
 import torch
 
+from .. import timing
 from ..errors import ModelError
-from ..recipe import Recipe
+from ..model_io import model_location
+from ..schema import Recipe, Section
 
 Batch = dict[str, Any]
 Record = dict[str, Any]  # one example's evaluation result; must hold "id" (its index in the split)
@@ -33,10 +36,26 @@ class Task:
     default_metrics: ClassVar[tuple[str, ...]] = ()  # evaluation.metrics when the recipe names none
     lower_is_better: ClassVar[frozenset[str]] = frozenset({"loss"})  # metric keys where smaller wins
     pipeline_task: ClassVar[str | None] = None
+    # The task's own recipe section (e.g. `sft:`): its key, its schema and one line for the reference.
+    # The recipe schema picks it up from the registry (launcher/tasks/__init__.py); the task reads it
+    # with `self.section()`.
+    settings_key: ClassVar[str | None] = None
+    settings_schema: ClassVar[type[Section] | None] = None
+    settings_description: ClassVar[str] = ""
 
     def __init__(self, recipe: Recipe):
         self.recipe = recipe
-        self.pad_to_multiple_of = 1  # set by the engine (training.pad_to_multiple_of / device)
+        # What the engine tells the task about where it runs (the task never looks it up itself):
+        self.pad_to_multiple_of = 1  # pad batches to a multiple of this (8 on GPUs, 1 on CPUs)
+        # generate() gathers sharded weights in every step (ZeRO-3 over several ranks): every rank must
+        # keep stepping until all ranks' sequences are done
+        self.synced_generation = False
+        self.say: Callable[[str], None] = _print  # the engine's one voice (rank 0 only) for data reports
+
+    def section(self):
+        """The task's recipe section, or its defaults when the recipe has none."""
+        value = getattr(self.recipe, self.settings_key, None) if self.settings_key else None
+        return value if value is not None else self.settings_schema()
 
     # ---- data ---------------------------------------------------------------------------
     def required_columns(self, split: str) -> dict[str, str]:
@@ -86,16 +105,46 @@ class Task:
         """Extra config attributes to set when loading (e.g. num_labels / id2label)."""
         return {}
 
+    def model_config(self):
+        """The config of the model this task builds (the recipe's overrides applied), without weights."""
+        return load_pretrained_config(self.recipe, **self.model_config_kwargs())[1]
+
     def count_parameters(self) -> int:
         """Parameters of the model this task would build, without loading weights (meta device)."""
         import transformers
 
-        _, config = load_pretrained_config(self.recipe, **self.model_config_kwargs())
         with torch.device("meta"):
             model = getattr(transformers, self.auto_model_class).from_config(
-                config, trust_remote_code=self.recipe.model.trust_remote_code
+                self.model_config(), trust_remote_code=self.recipe.model.trust_remote_code
             )
         return sum(p.numel() for p in model.parameters())
+
+    def length_settings(self) -> dict[str, tuple[Section, str]]:
+        """Recipe key -> (section, field) of each token length the model is asked to take (checked
+        against its position limit)."""
+        return {"data.max_length": (self.recipe.data, "max_length")}
+
+    def check_limits(self) -> None:
+        """Lengths the model cannot take, found before any work: a model with learned absolute position
+        embeddings (BERT: 512) fails with an index error at the first longer batch, mid-training. A length
+        the recipe sets is refused; a default is lowered to the limit, with a notice. Called by `launcher
+        check`, `launcher run/slurm` and every rank at start (all decide alike)."""
+        config = self.model_config()
+        limit, source = position_limit(config)
+        if limit is None:
+            return
+        for key, (section, field) in self.length_settings().items():
+            length = getattr(section, field)
+            if length <= limit:
+                continue
+            if field in section.model_fields_set:
+                raise ModelError(
+                    f"{key}={length} is longer than this {config.model_type} model can take ({source} = {limit} "
+                    f"positions); set {key} to at most {limit}"
+                )
+            setattr(section, field, limit)
+            self.say(f"note: {key} lowered from its default {length} to {limit}, the most this {config.model_type} "
+                     f"model can take ({source})")
 
     # ---- batches ------------------------------------------------------------------------
     def collate(self, rows: dict[str, list], tokenizer) -> Batch:
@@ -121,10 +170,10 @@ class Task:
         return lines
 
     # ---- evaluation ---------------------------------------------------------------------
-    def predict_batch(self, model, batch: Batch, accelerator) -> list[Record]:
-        """Per-example records for one evaluation batch. The default is one forward pass; tasks that
-        generate override it (and must keep ZeRO-3 ranks in step: every rank calls this the same
-        number of times, and generation must be synced)."""
+    def predict_batch(self, model, batch: Batch, tokenizer) -> list[Record]:
+        """Per-example records for one evaluation batch; ``model`` is the plain (unwrapped) module. The
+        default is one forward pass; tasks that generate override it (every rank calls this the same
+        number of times; pass ``synced_gpus=self.synced_generation`` to generate())."""
         return self.records(model(**self.model_inputs(batch)), batch)
 
     def records(self, outputs, batch: Batch) -> list[Record]:
@@ -135,6 +184,11 @@ class Task:
 
     def prediction_rows(self, records: list[Record], raw_split) -> list[dict]:
         raise NotImplementedError
+
+
+def _print(message: str) -> None:
+    # Outside the engine (launcher check/run) a task's reports are side notes: stdout may be a recipe.
+    print(message, file=sys.stderr, flush=True)
 
 
 # Feature column a task may add: True where tokenization cut the example at a length limit. Data
@@ -173,13 +227,32 @@ def tokenizer_fingerprint(tokenizer) -> str:
     return _hash({"name": tokenizer.name_or_path, "vocab": len(tokenizer)})
 
 
+# Models whose position ids start after the padding index (RoBERTa's family): two positions fewer.
+_OFFSET_POSITIONS = {"roberta", "xlm-roberta", "camembert", "longformer", "roberta-prelayernorm", "data2vec-text"}
+
+
+def position_limit(config) -> tuple[int | None, str]:
+    """(positions the model can take, where that number comes from), or None for position encodings
+    without a fixed table (rotary, relative: T5, Llama, Qwen, ...), which do not fail on longer inputs."""
+    if getattr(config, "rope_theta", None) is not None or getattr(config, "rope_parameters", None) or \
+            getattr(config, "rope_scaling", None) is not None or getattr(config, "relative_attention_num_buckets", None):
+        return None, ""
+    if getattr(config, "position_embedding_type", "absolute") not in ("absolute", None):
+        return None, ""
+    for key in ("max_position_embeddings", "n_positions"):
+        value = getattr(config, key, None)
+        if isinstance(value, int) and value > 0:
+            if config.model_type in _OFFSET_POSITIONS:
+                return value - (getattr(config, "pad_token_id", 1) or 1) - 1, f"{key} minus its padding offset"
+            return value, key
+    return None, ""
+
+
 def load_pretrained_config(recipe: Recipe, **task_kwargs):
     """AutoConfig with the recipe's overrides; every override key must exist in the config."""
     import difflib
 
     from transformers import AutoConfig
-
-    from ..model_io import model_location
 
     location = model_location(recipe)
     config = AutoConfig.from_pretrained(
@@ -202,8 +275,6 @@ def load_pretrained_config(recipe: Recipe, **task_kwargs):
 def _import_architecture(config) -> None:
     """Import the model's module now, and count it as library import time (start-up accounting):
     transformers imports it lazily on first use, which takes a second or more for most models."""
-    from .. import timing
-
     with timing.counted_as_import():
         try:
             from transformers.models.auto.configuration_auto import model_type_to_module_name

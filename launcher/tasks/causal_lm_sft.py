@@ -34,7 +34,7 @@ generated greedily (all ranks in step: ZeRO-3 generation is synced) and written 
 GGUF models (``model.gguf_file``): the weights are loaded with transformers' GGUF support
 (dequantized to fp32) and the quantization marker is dropped so the model exports with
 ``save_pretrained``; the tokenizer must be a directory (``model.tokenizer``), written from the GGUF
-file by :func:`save_gguf_tokenizer` (``python scripts/prepare_dialogue_assets.py --gguf-tokenizer``).
+file by :func:`launcher.model_io.save_gguf_tokenizer` (``python scripts/prepare_dialogue_assets.py --gguf-tokenizer``).
 """
 
 from __future__ import annotations
@@ -42,15 +42,17 @@ from __future__ import annotations
 import hashlib
 import json
 import math
-import os
 from dataclasses import dataclass
 
 import torch
 import torch.nn.functional as F
 
+from pydantic import Field
+
 from ..errors import DataError, ModelError, RecipeError
-from ..model_io import load_model_error, load_pretrained_model, load_tokenizer
-from ..recipe import SFTSection
+from ..metrics import perplexity
+from ..model_io import drop_gguf_quantization, gguf_config, load_model_error, load_pretrained_model, load_tokenizer
+from ..schema import Section
 from .base import Batch, Record, Task, load_pretrained_config, pad_columns
 
 ROLES = ("system", "user", "assistant")
@@ -192,74 +194,27 @@ def token_losses(logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
 
 
 # ---------------------------------------------------------------------------------------------
-# GGUF weights
 
 
-def gguf_location(recipe) -> tuple[str, str]:
-    """(directory, file name) of model.gguf_file, checked."""
-    import importlib.util
+class SFTSection(Section):
+    """Supervised fine-tuning on dialogues (task: causal_lm_sft). Metrics: evaluation.metrics [perplexity]."""
 
-    from ..paths import resolve_path
-    from ..recipe import recipe_base_dir
-
-    name = recipe.model.gguf_file
-    try:
-        directory = resolve_path(recipe.model.name_or_path, recipe_base_dir(recipe))
-    except Exception as exc:  # a pkg:// package that is not installed
-        raise ModelError(f"model.name_or_path: {exc}") from None
-    if not (directory / name).is_file():
-        raise ModelError(
-            f"model.gguf_file: {name} is not a file in {directory} (model.name_or_path); name a .gguf file in that directory"
-        )
-    if importlib.util.find_spec("gguf") is None:
-        raise ModelError("model.gguf_file: loading GGUF weights needs the gguf package; pip install gguf")
-    return str(directory), name
-
-
-def gguf_config(recipe):
-    """The model config stored in the GGUF file, with model.config_overrides applied."""
-    import difflib
-
-    from transformers import AutoConfig
-
-    directory, name = gguf_location(recipe)
-    config = AutoConfig.from_pretrained(directory, gguf_file=name)
-    for key, value in recipe.model.config_overrides.items():
-        if not hasattr(config, key):
-            close = difflib.get_close_matches(key, list(config.to_dict()), n=1)
-            hint = f"; did you mean {close[0]}?" if close else ""
-            raise ModelError(f"model.config_overrides.{key}: not an attribute of this {config.model_type} config{hint}")
-        setattr(config, key, value)
-    return directory, name, config
-
-
-def drop_gguf_quantization(model) -> None:
-    """The GGUF weights are dequantized on load: mark the model as the plain fp32 model it is, so that
-    save_pretrained (export, best weights) works."""
-    if hasattr(model.config, "quantization_config"):
-        del model.config.quantization_config
-    if getattr(model, "hf_quantizer", None) is not None:
-        model.hf_quantizer = None
-
-
-def save_gguf_tokenizer(directory: str, gguf_file: str, target: str) -> str:
-    """Write the tokenizer (with its chat template) stored in a GGUF file as a tokenizer directory
-    that model.tokenizer can name."""
-    from transformers import AutoTokenizer
-
-    tokenizer = AutoTokenizer.from_pretrained(directory, gguf_file=gguf_file)
-    tokenizer.save_pretrained(target)
-    return target
-
-
-# ---------------------------------------------------------------------------------------------
-
-
-def _is_main_process() -> bool:
-    return os.environ.get("RANK", "0") == "0"
+    system_prompt: str | None = Field(
+        None, description="A system message put first in every conversation that has none (otherwise the chat "
+        "template's own default system prompt, if it has one, applies)."
+    )
+    generate_max_new_tokens: int = Field(
+        0, ge=0, description="Greedily generate up to this many tokens for the last assistant turn of every test "
+        "conversation and write them to predictions/test.jsonl next to the reference reply; 0: no generation."
+    )
 
 
 class CausalLMSFTTask(Task):
+    settings_key = "sft"
+    settings_schema = SFTSection
+    settings_description = (
+        "Dialogue fine-tuning settings (task: causal_lm_sft): system prompt, test-set generations."
+    )
     name = "causal_lm_sft"
     lower_is_better = frozenset({"loss", "perplexity"})
     registered = True
@@ -275,7 +230,7 @@ class CausalLMSFTTask(Task):
 
     def __init__(self, recipe):
         super().__init__(recipe)
-        self.sft = recipe.sft or SFTSection()
+        self.sft: SFTSection = self.section()
         self.report: dict[str, dict] = {}  # split -> conversation counts (kept, truncated, dropped)
         self.tokenizer = None
         evaluation = recipe.evaluation
@@ -356,14 +311,11 @@ class CausalLMSFTTask(Task):
         return dataset, no_assistant + cut_off
 
     def _log_report(self, split: str, counts: dict, source: str | None = None) -> None:
-        if not _is_main_process():
-            return
         max_length = self.recipe.data.max_length
-        print(
+        self.say(
             f"{source or 'data.' + split}: {counts['conversations']} conversations; {counts['truncated']} longer than "
             f"data.max_length={max_length} were truncated; dropped {counts['dropped_truncated_away']} with no "
-            f"assistant turn within max_length and {counts['dropped_no_assistant_turn']} with no assistant turn",
-            flush=True,
+            f"assistant turn within max_length and {counts['dropped_no_assistant_turn']} with no assistant turn"
         )
 
     def encoder(self, tokenizer):
@@ -393,15 +345,10 @@ class CausalLMSFTTask(Task):
         return encode
 
     # ---- model --------------------------------------------------------------------------
-    def count_parameters(self) -> int:
+    def model_config(self):
         if not self.recipe.model.gguf_file:
-            return super().count_parameters()
-        import transformers
-
-        _, _, config = gguf_config(self.recipe)
-        with torch.device("meta"):
-            model = transformers.AutoModelForCausalLM.from_config(config)
-        return sum(p.numel() for p in model.parameters())
+            return super().model_config()
+        return gguf_config(self.recipe)[2]
 
     def build_model(self, tokenizer):
         from transformers import AutoModelForCausalLM
@@ -428,12 +375,10 @@ class CausalLMSFTTask(Task):
             model.config.pad_token_id = tokenizer.pad_token_id
         if getattr(model, "generation_config", None) is not None and model.generation_config.pad_token_id is None:
             model.generation_config.pad_token_id = tokenizer.pad_token_id
-        self.tokenizer = tokenizer
         return model
 
     # ---- batches ------------------------------------------------------------------------
     def collate(self, rows: dict[str, list], tokenizer) -> Batch:
-        self.tokenizer = tokenizer  # generation decodes with it
         pads = {"input_ids": tokenizer.pad_token_id, "attention_mask": 0, "labels": IGNORE}
         batch: Batch = pad_columns(rows, pads, self.pad_to_multiple_of)
         for key in ("example_id", "truncated", "prompt_length", "reply_turn", "generate"):
@@ -473,12 +418,12 @@ class CausalLMSFTTask(Task):
         return lines
 
     # ---- evaluation ---------------------------------------------------------------------
-    def predict_batch(self, model, batch: Batch, accelerator) -> list[Record]:
+    def predict_batch(self, model, batch: Batch, tokenizer) -> list[Record]:
         records = self.records(model(**self.model_inputs(batch)), batch)
         # The generate flag is the same for every row of a split (see clean_split): every rank takes
         # the same branch for every batch.
         if self.sft.generate_max_new_tokens and bool(batch["generate"].any()):
-            for record, text in zip(records, self._generate(model, batch, accelerator)):
+            for record, text in zip(records, self._generate(model, batch, tokenizer)):
                 record["generated"] = text
         return records
 
@@ -491,10 +436,7 @@ class CausalLMSFTTask(Task):
                                           batch["truncated"].tolist(), batch["reply_turn"].tolist())
         ]
 
-    def _generate(self, model, batch: Batch, accelerator) -> list[str]:
-        from ..engine.weights import is_zero3
-
-        tokenizer = self.tokenizer
+    def _generate(self, model, batch: Batch, tokenizer) -> list[str]:
         lengths = batch["prompt_length"].tolist()
         width = max(lengths)
         ids = batch["input_ids"].new_full((len(lengths), width), tokenizer.pad_token_id)
@@ -502,25 +444,22 @@ class CausalLMSFTTask(Task):
         for row, length in enumerate(lengths):  # left padding: every prompt ends where generation starts
             ids[row, width - length:] = batch["input_ids"][row, :length]
             mask[row, width - length:] = 1
-        module = accelerator.unwrap_model(model)
         eos = [tokenizer.eos_token_id] if tokenizer.eos_token_id is not None else []
-        configured = getattr(getattr(module, "generation_config", None), "eos_token_id", None)
+        configured = getattr(getattr(model, "generation_config", None), "eos_token_id", None)
         eos += [configured] if isinstance(configured, int) else list(configured or [])
         options = {}
         if self.recipe.finetune.method == "prefix_tuning":
             # The prefix hook hands the model a fresh cache holding only the prefix on every call, so
             # generation must not rely on its own cache.
             options["use_cache"] = False
-        output = module.generate(
+        output = model.generate(
             input_ids=ids, attention_mask=mask, max_new_tokens=self.sft.generate_max_new_tokens, do_sample=False,
             pad_token_id=tokenizer.pad_token_id, eos_token_id=sorted(set(eos)) or None,
-            synced_gpus=accelerator.num_processes > 1 and is_zero3(model), **options,
+            synced_gpus=self.synced_generation, **options,
         )
         return [text.strip() for text in tokenizer.batch_decode(output[:, width:], skip_special_tokens=True)]
 
     def compute_metrics(self, records: list[Record]) -> dict:
-        from ..metrics import perplexity
-
         nll = math.fsum(r["nll"] for r in records)
         tokens = sum(r["tokens"] for r in records)
         results: dict = {"loss": nll / tokens if tokens else float("nan")}

@@ -13,13 +13,34 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
+from pydantic import Field
+
 from ..errors import DataError, ModelError
+from ..model_io import load_pretrained_model, model_location
+from ..schema import Section
 from .base import Batch, Record
 from .classification import SequenceClassificationTask, _label_key
 
 
+class PromptSection(Section):
+    template: str = Field(
+        description="The prompt for one example, with {text} (and {text_pair}) placeholders; for a masked LM it "
+        "must contain {mask} where the label word goes. E.g. 'Review: {text}\\nSentiment:'."
+    )
+    verbalizer: dict[str, str] = Field(
+        description="Label -> the word the model should produce for it (each must be one token), e.g. "
+        "{positive: ' good', negative: ' bad'}. Every label in the data needs one."
+    )
+    shots: int = Field(0, ge=0, description="k demonstrations from the training split prepended to each prompt (0 = zero-shot).")
+    shot_seed: int = Field(42, description="Seed for drawing the demonstrations (the same for every example and rank).")
+    separator: str = Field("\n\n", description="Between demonstrations and the prompt.")
+
+
 class PromptClassificationTask(SequenceClassificationTask):
     name = "prompt_classification"
+    settings_key = "prompt"
+    settings_schema = PromptSection
+    settings_description = "Prompt-based evaluation (`launcher eval`): score a causal or masked LM zero-/k-shot."
 
     def __init__(self, recipe):
         super().__init__(recipe)
@@ -110,8 +131,6 @@ class PromptClassificationTask(SequenceClassificationTask):
         return {}
 
     def build_model(self, tokenizer):
-        from ..model_io import load_pretrained_model, model_location
-
         model = load_pretrained_model(self.auto_model_class, model_location(self.recipe), self.recipe)
         self.verbalizer = torch.tensor(self.verbalizer_ids(tokenizer))
         self.mask_token_id = tokenizer.mask_token_id
@@ -121,7 +140,7 @@ class PromptClassificationTask(SequenceClassificationTask):
     def model_inputs(self, batch: Batch) -> dict:
         return {k: v for k, v in batch.items() if k in ("input_ids", "attention_mask")}
 
-    def predict_batch(self, model, batch: Batch, accelerator) -> list[Record]:
+    def predict_batch(self, model, batch: Batch, tokenizer) -> list[Record]:
         logits = model(**self.model_inputs(batch)).logits.float()
         rows = torch.arange(logits.shape[0], device=logits.device)
         if self.kind == "masked":

@@ -41,10 +41,12 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
+from pydantic import Field
+
 from ..errors import DataError, ModelError, RecipeError
 from ..metrics import squad_scores
 from ..model_io import load_pretrained_model
-from ..recipe import QuestionAnsweringSection
+from ..schema import Section
 from .base import Batch, Record, Task, load_pretrained_config, pad_columns
 
 WINDOW_LIMIT = 100_000  # windows per example; a feature's id is example_index * WINDOW_LIMIT + window
@@ -141,7 +143,39 @@ def choose_answers(records: list[Record], version_2: bool, null_threshold: float
     return chosen
 
 
+class QuestionAnsweringSection(Section):
+    """Extractive question answering settings (task: question_answering). Metrics: evaluation.metrics
+    [exact_match, f1]."""
+
+    doc_stride: int | None = Field(
+        128, ge=0,
+        description="A context longer than data.max_length is split into windows that overlap by this many "
+        "tokens (every question must leave more room than this). null: no splitting; an example that does "
+        "not fit in data.max_length is an error.",
+    )
+    max_answer_length: int = Field(30, gt=0, description="Longest answer span the model may predict, in tokens.")
+    n_best: int = Field(20, gt=0, description="Best-scoring candidate spans kept per window when choosing an example's answer.")
+    allow_unanswerable: bool = Field(
+        False,
+        description="SQuAD 2.0 style: questions without an answer (answers.text empty) are allowed, the model may "
+        "answer nothing, and metrics add HasAns_/NoAns_ breakdowns. If false, an unanswered row is an error.",
+    )
+    null_score_diff_threshold: float = Field(
+        0.0, description="With allow_unanswerable: answer nothing when the no-answer score exceeds the best span's "
+        "score by more than this.",
+    )
+    drop_bad_answers: bool = Field(
+        False, description="Drop rows whose answer text is not at its answer_start in the context (counted and "
+        "reported). If false, such a row is an error.",
+    )
+
+
 class QuestionAnsweringTask(Task):
+    settings_key = "question_answering"
+    settings_schema = QuestionAnsweringSection
+    settings_description = (
+        "Extractive question answering settings (task: question_answering): windows, answer length, unanswerable questions."
+    )
     name = "question_answering"
     registered = True
     auto_model_class = "AutoModelForQuestionAnswering"
@@ -153,7 +187,7 @@ class QuestionAnsweringTask(Task):
 
     def __init__(self, recipe):
         super().__init__(recipe)
-        self.settings: QuestionAnsweringSection = recipe.question_answering or QuestionAnsweringSection()
+        self.settings: QuestionAnsweringSection = self.section()
         self._sources: dict[str, str] = {}
         data = recipe.data
         if not data.text_pair_column:

@@ -40,10 +40,12 @@ from __future__ import annotations
 
 import torch
 
+from pydantic import Field, model_validator
+
 from ..errors import DataError, RecipeError
 from ..finetune import OWN_METHODS
 from ..metrics import accuracy, classification_report, hub_metric, relation_f1
-from ..recipe import RelationSection
+from ..schema import Section
 from .base import Batch, Record, load_pretrained_config
 from .classification import SequenceClassificationTask
 
@@ -73,7 +75,42 @@ def _offset(value) -> int | None:
     return value if isinstance(value, int) and not isinstance(value, bool) else None
 
 
+class RelationSection(Section):
+    """Relation extraction settings (task: relation_extraction). Spans are character offsets into
+    data.text_column, end exclusive: text[head_start:head_end] is the head entity."""
+
+    head_start_column: str = Field("head_start", description="Column with the head entity's first character offset.")
+    head_end_column: str = Field("head_end", description="Column with the head entity's end offset (exclusive).")
+    tail_start_column: str = Field("tail_start", description="Column with the tail entity's first character offset.")
+    tail_end_column: str = Field("tail_end", description="Column with the tail entity's end offset (exclusive).")
+    no_relation_label: str | None = Field(
+        "no_relation",
+        description="The label meaning 'no relation' (the negative class): left out of micro precision/recall/F1, "
+        "as in TACRED. It must be one of the labels; null if every label is a relation.",
+    )
+    head_markers: tuple[str, str] = Field(
+        ("[E1]", "[/E1]"),
+        description="Inserted before and after the head entity; added to the tokenizer as special tokens (the model's "
+        "embeddings grow to match, and the exported tokenizer includes them).",
+    )
+    tail_markers: tuple[str, str] = Field(("[E2]", "[/E2]"), description="Inserted before and after the tail entity.")
+
+    @model_validator(mode="after")
+    def _distinct_markers(self) -> "RelationSection":
+        markers = [*self.head_markers, *self.tail_markers]
+        if any(not marker or marker != marker.strip() for marker in markers):
+            raise ValueError(f"entity markers must be non-empty, without surrounding spaces; got {markers}")
+        if len(set(markers)) != len(markers):
+            raise ValueError(f"the four entity markers must all differ; got {markers}")
+        return self
+
+
 class RelationExtractionTask(SequenceClassificationTask):
+    settings_key = "relation"
+    settings_schema = RelationSection
+    settings_description = (
+        "Relation extraction settings (task: relation_extraction): entity span columns, the no-relation label, entity markers."
+    )
     name = "relation_extraction"
     registered = True
     metric_keys = RELATION_METRIC_KEYS
@@ -81,7 +118,7 @@ class RelationExtractionTask(SequenceClassificationTask):
 
     def __init__(self, recipe):
         super().__init__(recipe)
-        self.settings: RelationSection = recipe.relation or RelationSection()
+        self.settings: RelationSection = self.section()
 
     @property
     def markers(self) -> list[str]:

@@ -24,10 +24,12 @@ import re
 import numpy as np
 import torch
 import torch.nn.functional as F
+from pydantic import Field
 
 from ..errors import DataError, ModelError
-from ..metrics import bleu_score, rouge_scores
+from ..metrics import bleu_score, hub_metric, rouge_scores
 from ..model_io import load_pretrained_model
+from ..schema import Section
 from .base import CUT_COLUMN, Batch, Record, Task, load_pretrained_config, pad_columns, truncated_flags
 
 ROUGE_KEYS = ["rouge1", "rouge2", "rougeL", "rougeLsum"]
@@ -43,11 +45,19 @@ def split_sentences(text: str) -> str:
     return "\n".join(s.strip() for line in text.splitlines() for s in _SENTENCE_END.split(line) if s.strip())
 
 
-def generation_settings(recipe):
-    """The recipe's ``generation`` section, or its defaults when the recipe has none."""
-    from ..recipe import GenerationSection
+class GenerationSection(Section):
+    """Sequence-to-sequence settings (task: seq2seq). Metrics: evaluation.metrics [rouge, bleu]."""
 
-    return recipe.generation if recipe.generation is not None else GenerationSection()
+    max_target_length: int = Field(
+        128, gt=0, description="Truncate target texts to this many tokens for the training (and eval) loss; "
+        "ROUGE/BLEU score the full reference text."
+    )
+    max_new_tokens: int = Field(128, gt=0, description="Generate at most this many tokens per example when evaluating.")
+    num_beams: int = Field(1, ge=1, description="Beam search width when evaluating; 1 = greedy decoding.")
+    source_prefix: str = Field(
+        "", description="Text put before every source text, e.g. `summarize: ` or `translate English to German: ` "
+        "(what T5 checkpoints were trained with)."
+    )
 
 
 class Seq2SeqTask(Task):
@@ -58,11 +68,13 @@ class Seq2SeqTask(Task):
     head_modules = ("lm_head",)
     metric_keys = SEQ2SEQ_KEYS
     default_metrics = ("rouge", "bleu")  # evaluation.metrics when the recipe names none
+    settings_key = "generation"
+    settings_schema = GenerationSection
+    settings_description = "Sequence-to-sequence settings (task: seq2seq): target length, decoding, source prefix."
 
     def __init__(self, recipe):
         super().__init__(recipe)
-        self.generation = generation_settings(recipe)
-        self._tokenizer = None  # the tokenizer batches are collated with; predict_batch decodes with it
+        self.generation: GenerationSection = self.section()
 
     # ---- data ---------------------------------------------------------------------------
     def required_columns(self, split: str) -> dict[str, str]:
@@ -85,6 +97,12 @@ class Seq2SeqTask(Task):
                         f"every row needs a non-empty {what} text: fill or drop the row"
                     )
         return dataset, 0
+
+    def length_settings(self):
+        # The decoder's positions hold the target when training and the generation when evaluating.
+        return {"data.max_length": (self.recipe.data, "max_length"),
+                "generation.max_target_length": (self.generation, "max_target_length"),
+                "generation.max_new_tokens": (self.generation, "max_new_tokens")}
 
     def length_limits(self) -> str:
         return (f"data.max_length={self.recipe.data.max_length} (source) or generation.max_target_length="
@@ -138,7 +156,6 @@ class Seq2SeqTask(Task):
 
     # ---- batches ------------------------------------------------------------------------
     def collate(self, rows: dict[str, list], tokenizer) -> Batch:
-        self._tokenizer = tokenizer
         batch: Batch = pad_columns(rows, {"input_ids": tokenizer.pad_token_id, "attention_mask": 0},
                                    self.pad_to_multiple_of)
         batch["labels"] = pad_columns({"labels": rows["labels"]}, {"labels": IGNORE_INDEX}, self.pad_to_multiple_of)["labels"]
@@ -166,15 +183,10 @@ class Seq2SeqTask(Task):
                 for line, target, row in zip(lines, targets, batch["labels"].tolist())]
 
     # ---- evaluation ---------------------------------------------------------------------
-    def predict_batch(self, model, batch: Batch, accelerator) -> list[Record]:
+    def predict_batch(self, model, batch: Batch, tokenizer) -> list[Record]:
         """Teacher-forced loss, then generation. Every rank calls this the same number of times (the
         engine's eval sharding); under ZeRO-3 both the forward and each generation step gather the
         partitioned weights from all ranks, so generation is synced across ranks."""
-        from ..engine.weights import is_zero3
-
-        tokenizer = self._tokenizer
-        if tokenizer is None:
-            raise RuntimeError("seq2seq: predict_batch before any batch was collated (no tokenizer to decode with)")
         outputs = model(**self.model_inputs(batch))
         labels = batch["labels"]
         logits = outputs.logits.float()
@@ -183,8 +195,7 @@ class Seq2SeqTask(Task):
         loss_sums = token_losses.sum(-1).tolist()
         target_tokens = (labels != IGNORE_INDEX).sum(-1).tolist()
 
-        generator = accelerator.unwrap_model(model)
-        generated = generator.generate(
+        generated = model.generate(
             input_ids=batch["input_ids"],
             attention_mask=batch["attention_mask"],
             max_new_tokens=self.generation.max_new_tokens,
@@ -192,10 +203,10 @@ class Seq2SeqTask(Task):
             do_sample=False,
             # A rank whose batch finished early must keep stepping with the others: under ZeRO-3 each
             # forward gathers weight shards from every rank.
-            synced_gpus=is_zero3(model) and accelerator.num_processes > 1,
+            synced_gpus=self.synced_generation,
         )
         sequences = generated[:, 1:].tolist()  # drop the decoder start token
-        eos = _eos_ids(generator, tokenizer)
+        eos = _eos_ids(model, tokenizer)
         lengths = [_generated_length(row, eos) for row in sequences]
         texts = tokenizer.batch_decode([row[:n] for row, n in zip(sequences, lengths)], skip_special_tokens=True)
         return [
@@ -220,8 +231,6 @@ class Seq2SeqTask(Task):
                 results["bleu"] = bleu["score"]
                 results["bleu_details"] = {k: bleu[k] for k in ("precisions", "bp", "ratio", "sys_len", "ref_len")}
             elif name.startswith("evaluate:"):
-                from ..metrics import hub_metric
-
                 results.update(hub_metric(name.split(":", 1)[1])(predictions, references, []))
             else:  # the recipe validation (metric_keys) lets nothing else through
                 raise ValueError(f"evaluation.metrics: {name!r} is not a seq2seq metric")

@@ -39,7 +39,7 @@ import torch.nn.functional as F
 
 from ..errors import DataError, ModelError, RecipeError
 from ..metrics import entity_scores, hub_metric
-from ..recipe import DataSection
+from ..schema import DataSection
 from .base import Batch, Record, pad_columns
 from .classification import SequenceClassificationTask
 

@@ -12,8 +12,7 @@ import json
 
 import pytest
 import torch
-from conftest import check_ok, read_events, run_launcher, toy_recipe_dict, write_recipe
-from safetensors.torch import load_file
+from conftest import assert_same_weights, check_ok, losses, read_events, run_launcher, toy_recipe_dict, weights, write_recipe
 
 pytestmark = pytest.mark.slow
 
@@ -39,29 +38,6 @@ def train_run(tmp_path_factory, assets, env, name, nproc, accelerate_args=(), **
     result = run_launcher(["train", str(path)], env, nproc=nproc, accelerate_args=accelerate_args)
     check_ok(result)
     return root / "run"
-
-
-def losses(run_dir) -> list[float]:
-    return [e["loss"] for e in read_events(run_dir, "train")]
-
-
-def weights(run_dir) -> dict[str, torch.Tensor]:
-    return load_file(str(run_dir / "model" / "model.safetensors"))
-
-
-# The attention key bias adds the same q.b_k to every score in a softmax row, so its gradient is zero
-# in exact arithmetic; Adam divides the float noise left in its place by its own tiny RMS and turns
-# it into full-size random steps. Its value is noise in *any* run, so it is not compared.
-ZERO_GRADIENT = ("attention.self.key.bias",)
-
-
-def assert_same_weights(a: dict, b: dict, rel: float = 1e-5) -> None:
-    assert a.keys() == b.keys()
-    for name in a:
-        if name.endswith(ZERO_GRADIENT):
-            continue
-        diff = (a[name].double() - b[name].double()).norm() / a[name].double().norm().clamp_min(1e-12)
-        assert diff <= rel, f"{name}: relative difference {diff:.2e}"
 
 
 @pytest.fixture(scope="module")

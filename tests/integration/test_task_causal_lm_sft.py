@@ -322,7 +322,8 @@ def test_smollm2_gguf_fine_tunes_on_chatterbot(tmp_path):
     from transformers import AutoTokenizer
 
     from launcher.recipe import load_recipe
-    from launcher.tasks.causal_lm_sft import encode_conversation, save_gguf_tokenizer
+    from launcher.model_io import save_gguf_tokenizer
+    from launcher.tasks.causal_lm_sft import encode_conversation
 
     from launcher.paths import resolve_path
 

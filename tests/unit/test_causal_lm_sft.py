@@ -16,7 +16,9 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from dialogue_assets import make_dialogue  # noqa: E402
 
 from launcher.errors import DataError, ModelError  # noqa: E402
-from launcher.recipe import Recipe, SFTSection  # noqa: E402
+from launcher.recipe import validate_recipe  # noqa: E402
+from launcher.schema import Recipe  # noqa: E402
+from launcher.tasks.causal_lm_sft import SFTSection  # noqa: E402
 from launcher.tasks import TASKS  # noqa: E402
 from launcher.tasks.causal_lm_sft import IGNORE, encode_conversation, normalize_conversation  # noqa: E402
 
@@ -142,7 +144,7 @@ def test_normalize_conversation_checks_rows_and_applies_the_system_prompt():
 
 
 def _recipe(model_dir, tmp_path, **data) -> Recipe:
-    return Recipe.model_validate({
+    return validate_recipe({
         "name": "u", "task": "causal_lm_sft", "model": {"name_or_path": str(model_dir)},
         "data": {"train": "x.jsonl", "text_column": "messages", **data},
         "evaluation": {"metrics": ["perplexity"]}, "output": {"dir": str(tmp_path / "run")},
@@ -275,8 +277,6 @@ def test_per_micro_batch_mean_is_not_split_invariant_but_the_step_normalized_sum
 def test_batched_generation_equals_generating_each_prompt_alone(tiny_dir, tiny_tokenizer, tmp_path):
     """predict_batch generates from left-padded prompts of different lengths (the conversation up to its
     last reply); each equals greedy generation on that prompt alone."""
-    from types import SimpleNamespace
-
     from transformers import AutoModelForCausalLM
 
     recipe = _recipe(tiny_dir, tmp_path)
@@ -294,7 +294,7 @@ def test_batched_generation_equals_generating_each_prompt_alone(tiny_dir, tiny_t
     torch.manual_seed(0)
     model = AutoModelForCausalLM.from_pretrained(tiny_dir).eval()
     with torch.no_grad():
-        records = task.predict_batch(model, batch, SimpleNamespace(unwrap_model=lambda m: m, num_processes=1))
+        records = task.predict_batch(model, batch, tiny_tokenizer)
     for record, conversation, e in zip(records, conversations, encoded):
         prompt = torch.tensor([e.input_ids[:e.prompt_length]])
         text = tiny_tokenizer.apply_chat_template(conversation[:e.reply_turn], add_generation_prompt=True, tokenize=False)

@@ -7,15 +7,8 @@ import json
 import pytest
 
 from launcher.errors import TopologyError
-from launcher.plan import (
-    BatchPlan,
-    check_accelerate_accumulation,
-    check_accelerate_precision,
-    deepspeed_config,
-    resolve_batch,
-    resolve_strategy,
-)
-from launcher.recipe import TrainingSection
+from launcher.plan import BatchPlan, Strategy, check_launch, deepspeed_config, resolve_batch, resolve_strategy
+from launcher.schema import TrainingSection
 
 
 def training(**values) -> TrainingSection:
@@ -64,7 +57,7 @@ def test_contradicting_accumulation_is_rejected():
     ],
 )
 def test_strategy_resolution(recipe_strategy, env, expected):
-    assert resolve_strategy(recipe_strategy, env) == expected
+    assert resolve_strategy(recipe_strategy, env) == Strategy(expected)
 
 
 def test_offload_the_launcher_does_not_offer_is_refused():
@@ -85,25 +78,42 @@ def test_external_deepspeed_json_is_refused():
         resolve_strategy("auto", {"ACCELERATE_DEEPSPEED_CONFIG_FILE": "ds.json"})
 
 
+DDP, ZERO2 = Strategy("ddp"), Strategy("zero2")
+
+
 def test_accelerate_accumulation_must_not_contradict_recipe():
     plan = BatchPlan(4, 2, 2, 16)
-    check_accelerate_accumulation({"ACCELERATE_GRADIENT_ACCUMULATION_STEPS": "1"}, plan)  # accelerate's default
-    check_accelerate_accumulation({"ACCELERATE_GRADIENT_ACCUMULATION_STEPS": "2"}, plan)
+    recipe_training = training(micro_batch_size=4, grad_accum_steps=2)
+    check_launch(recipe_training, DDP, plan, {"ACCELERATE_GRADIENT_ACCUMULATION_STEPS": "1"}, cuda=False)  # accelerate's default
+    check_launch(recipe_training, DDP, plan, {"ACCELERATE_GRADIENT_ACCUMULATION_STEPS": "2"}, cuda=False)
     with pytest.raises(TopologyError, match="gradient_accumulation_steps=4 but the recipe resolves to 2"):
-        check_accelerate_accumulation({"ACCELERATE_GRADIENT_ACCUMULATION_STEPS": "4"}, plan)
+        check_launch(recipe_training, DDP, plan, {"ACCELERATE_GRADIENT_ACCUMULATION_STEPS": "4"}, cuda=False)
 
 
 def test_accelerate_precision_must_not_contradict_recipe():
-    check_accelerate_precision({"ACCELERATE_MIXED_PRECISION": "no"}, "bf16")
-    check_accelerate_precision({"ACCELERATE_MIXED_PRECISION": "bf16"}, "bf16")
+    plan = BatchPlan(8, 1, 1, 8)
+    check_launch(training(precision="bf16"), DDP, plan, {"ACCELERATE_MIXED_PRECISION": "no"}, cuda=False)
+    check_launch(training(precision="bf16"), DDP, plan, {"ACCELERATE_MIXED_PRECISION": "bf16"}, cuda=False)
     with pytest.raises(TopologyError, match="mixed_precision=bf16 but the recipe says training.precision=fp32"):
-        check_accelerate_precision({"ACCELERATE_MIXED_PRECISION": "bf16"}, "fp32")
+        check_launch(training(), DDP, plan, {"ACCELERATE_MIXED_PRECISION": "bf16"}, cuda=False)
+
+
+@pytest.mark.parametrize("values, strategy, cuda, message", [
+    ({"precision": "fp16"}, DDP, False, "training.precision=fp16 needs a GPU"),
+    ({"compile": True}, ZERO2, True, r"training.compile works with DDP only, not under DeepSpeed \(zero2\)"),
+    ({"on_nonfinite_loss": "skip"}, ZERO2, True, "on_nonfinite_loss=skip works with DDP only"),
+])
+def test_one_list_of_checks_refuses_what_cannot_run(values, strategy, cuda, message):
+    """The same function runs in `launcher run --dry-run` and on every rank: what it refuses, both refuse."""
+    with pytest.raises(TopologyError, match=message):
+        check_launch(training(**values), strategy, BatchPlan(8, 1, 1, 8), {}, cuda=cuda)
+    check_launch(training(), strategy, BatchPlan(8, 1, 1, 8), {}, cuda=cuda)  # the same launch without it is fine
 
 
 @pytest.mark.parametrize("strategy, stage", [("zero0", 0), ("zero1", 1), ("zero2", 2), ("zero3", 3), ("zero3_offload", 3)])
 def test_deepspeed_config_is_explicit(strategy, stage):
     plan = resolve_batch(training(micro_batch_size=4, global_batch_size=32), 2)
-    config = deepspeed_config(strategy, plan, training(micro_batch_size=4, global_batch_size=32, max_grad_norm=0.5))
+    config = deepspeed_config(Strategy(strategy), plan, training(micro_batch_size=4, global_batch_size=32, max_grad_norm=0.5))
     assert "auto" not in json.dumps(config)
     assert config["train_batch_size"] == 32 == config["train_micro_batch_size_per_gpu"] * config["gradient_accumulation_steps"] * 2
     assert config["gradient_clipping"] == 0.5
@@ -117,4 +127,4 @@ def test_deepspeed_config_is_explicit(strategy, stage):
 def test_disabled_clipping_is_written_as_zero():
     # DeepSpeed 0.19 clips at 1.0 when the key is absent; "no clipping" must be said explicitly.
     plan = resolve_batch(training(), 1)
-    assert deepspeed_config("zero2", plan, training(max_grad_norm=0))["gradient_clipping"] == 0.0
+    assert deepspeed_config(ZERO2, plan, training(max_grad_norm=0))["gradient_clipping"] == 0.0

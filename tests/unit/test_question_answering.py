@@ -12,7 +12,8 @@ import pytest
 import torch
 
 from launcher.errors import DataError, RecipeError
-from launcher.recipe import Recipe, load_recipe
+from launcher.recipe import load_recipe, validate_recipe
+from launcher.schema import Recipe
 from launcher.tasks import TASKS
 from launcher.tasks.question_answering import (
     WINDOW_LIMIT,
@@ -25,7 +26,7 @@ from launcher.tasks.question_answering import (
 
 
 def make_recipe(model: str = "unused", metrics=("exact_match", "f1"), max_length: int = 32, **qa) -> Recipe:
-    return Recipe.model_validate({
+    return validate_recipe({
         "name": "qa", "task": "question_answering", "model": {"name_or_path": model},
         "data": {"train": "train.jsonl", "text_column": "question", "text_pair_column": "context",
                  "label_column": "answers", "max_length": max_length},
@@ -58,7 +59,7 @@ def test_task_is_registered_with_its_model_class():
 def test_recipe_section_defaults():
     recipe = make_recipe()
     assert recipe.question_answering.n_best == 20 and recipe.question_answering.allow_unanswerable is False
-    default = Recipe.model_validate({**recipe.model_dump(), "question_answering": {}}).question_answering
+    default = validate_recipe({**recipe.model_dump(), "question_answering": {}}).question_answering
     assert (default.doc_stride, default.max_answer_length, default.n_best) == (128, 30, 20)
 
 

@@ -5,7 +5,7 @@ from __future__ import annotations
 import re
 from pathlib import Path
 
-from launcher.recipe import ModelSection
+from launcher.schema import ModelSection
 
 PACKAGE = Path(__file__).resolve().parents[2] / "launcher"
 
