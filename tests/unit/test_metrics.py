@@ -24,7 +24,7 @@ from launcher.metrics import (
     relation_f1,
     rouge_scores,
 )
-from launcher.recipe import Recipe
+from launcher.recipe import validate_recipe
 from launcher.sampling import eval_shard
 from launcher.tasks import TASKS
 from launcher.tasks.question_answering import WINDOW_LIMIT
@@ -245,7 +245,7 @@ def make_task(task: str, **sections):
     recipe = {"name": "m", "task": task, "model": {"name_or_path": "m"}, "data": {"train": "train.jsonl"}}
     for section, values in sections.items():
         recipe.setdefault(section, {}).update(values)
-    return TASKS[task](Recipe.model_validate(recipe))
+    return TASKS[task](validate_recipe(recipe))
 
 
 def classifier(task: str, labels: list[str], **sections):
