@@ -50,9 +50,9 @@ import torch.nn.functional as F
 from pydantic import Field
 
 from ..errors import DataError, ModelError, RecipeError
+from ..metrics import perplexity
 from ..model_io import drop_gguf_quantization, gguf_config, load_model_error, load_pretrained_model, load_tokenizer
 from ..schema import Section
-from ..text_metrics import perplexity
 from .base import Batch, Record, Task, load_pretrained_config, pad_columns
 
 ROLES = ("system", "user", "assistant")

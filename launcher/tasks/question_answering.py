@@ -28,7 +28,7 @@ text of the context, and the no-answer (CLS) score. ``compute_metrics`` groups t
 records by example and takes the best span over all of its windows - wherever (on whichever rank)
 they were evaluated; with allow_unanswerable it answers nothing when the smallest no-answer score of
 the example beats that span by more than ``null_score_diff_threshold`` (as Hugging Face's run_qa).
-Metrics: SQuAD exact match and F1 (fractions), via ``text_metrics.squad_scores`` (v2.0 rules and
+Metrics: SQuAD exact match and F1 (fractions), via ``metrics.squad_scores`` (v2.0 rules and
 HasAns_/NoAns_ breakdowns with allow_unanswerable).
 """
 
@@ -44,9 +44,9 @@ import torch.nn.functional as F
 from pydantic import Field
 
 from ..errors import DataError, ModelError, RecipeError
+from ..metrics import squad_scores
 from ..model_io import load_pretrained_model
 from ..schema import Section
-from ..text_metrics import squad_scores
 from .base import Batch, Record, Task, load_pretrained_config, pad_columns
 
 WINDOW_LIMIT = 100_000  # windows per example; a feature's id is example_index * WINDOW_LIMIT + window

@@ -31,7 +31,7 @@ still classified, and counted in the metrics as ``truncated_examples``.
 
 Everything else is sequence classification's (labels, loss: one target per example, records, the
 exact gather): this task subclasses it and changes the text the tokenizer sees. Metrics:
-``text_metrics.relation_f1`` micro precision/recall/F1 without ``relation.no_relation_label``
+``metrics.relation_f1`` micro precision/recall/F1 without ``relation.no_relation_label``
 (TACRED convention) and their macro averages, per relation, plus accuracy, the confusion matrix and
 eval loss.
 """
@@ -44,9 +44,8 @@ from pydantic import Field, model_validator
 
 from ..errors import DataError, RecipeError
 from ..finetune import OWN_METHODS
-from ..metrics import accuracy, classification_report, hub_metric
+from ..metrics import accuracy, classification_report, hub_metric, relation_f1
 from ..schema import Section
-from ..text_metrics import relation_f1
 from .base import Batch, Record, load_pretrained_config
 from .classification import SequenceClassificationTask
 

@@ -27,10 +27,9 @@ import torch.nn.functional as F
 from pydantic import Field
 
 from ..errors import DataError, ModelError
-from ..metrics import hub_metric
+from ..metrics import bleu_score, hub_metric, rouge_scores
 from ..model_io import load_pretrained_model
 from ..schema import Section
-from ..text_metrics import bleu_score, rouge_scores
 from .base import CUT_COLUMN, Batch, Record, Task, load_pretrained_config, pad_columns, truncated_flags
 
 ROUGE_KEYS = ["rouge1", "rouge2", "rougeL", "rougeLsum"]

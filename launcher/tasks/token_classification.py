@@ -4,7 +4,7 @@ Data: each row holds a list of words (``data.text_column``) and a list of exactl
 (``data.label_column``). Left at the schema defaults ``text``/``label``, those two keys mean the
 columns ``tokens``/``tags`` here (the usual names in NER datasets; a column literally named ``text``
 or ``label`` has to be renamed). Tags are strings (``B-PER``, ``I-PER``, ``O``; any scheme
-``text_metrics.entity_scores`` chunks: IOB1, BIO, IOBES) or ints that index ``data.labels``.
+``metrics.entity_scores`` chunks: IOB1, BIO, IOBES) or ints that index ``data.labels``.
 
 Label set: ``data.labels`` (tag names in id order), else the sorted distinct tags of the training
 split with ``O`` first. A tag outside it in any split is an error naming the split, row and tag
@@ -24,7 +24,7 @@ normalization over the whole optimizer step weighs every word the same, however 
 split over micro-batches and ranks.
 
 Metrics, on the gathered records (word level): entity precision/recall/F1 (micro; macro and
-weighted averages) and per type from ``text_metrics.entity_scores`` (seqeval's default mode), word
+weighted averages) and per type from ``metrics.entity_scores`` (seqeval's default mode), word
 accuracy (``accuracy``: correct tags / words), eval loss (mean over supervised tokens).
 
 Reused from sequence classification: the label bookkeeping (label_names/label_to_id and the
@@ -38,9 +38,8 @@ import torch
 import torch.nn.functional as F
 
 from ..errors import DataError, ModelError, RecipeError
-from ..metrics import hub_metric
+from ..metrics import entity_scores, hub_metric
 from ..schema import DataSection
-from ..text_metrics import entity_scores
 from .base import Batch, Record, pad_columns
 from .classification import SequenceClassificationTask
 

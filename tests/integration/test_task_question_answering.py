@@ -76,7 +76,7 @@ def trained(tmp_path_factory, assets, isolated_env):
 
 
 def test_training_learns_to_answer(trained):
-    from launcher.text_metrics import normalize_answer
+    from launcher.squad import normalize_answer
 
     losses = [e["loss"] for e in read_events(trained, "train")]
     assert losses[-1] < 0.25 * losses[0]

@@ -337,7 +337,7 @@ def test_predict_batch_records_generation_and_teacher_forced_loss(models, tmp_pa
 
 def test_compute_metrics_match_the_reference_scorers(models, tmp_path):
     from launcher.tasks.seq2seq import split_sentences
-    from launcher.text_metrics import bleu_score, rouge_scores
+    from launcher.metrics import bleu_score, rouge_scores
 
     task, _ = _task_and_tokenizer(models["t5"], tmp_path)
     predictions = ["The cat sat. It slept on the mat!", "a b c d e", "Guten Morgen"]
