@@ -147,7 +147,7 @@ def cmd_train(args) -> int:
 def cmd_run(args) -> int:
     request = LaunchRequest(nproc=args.nproc, nodes=args.nodes, node_rank=args.node_rank,
                             main_address=args.main_address, main_port=args.main_port,
-                            strategy=args.strategy, config_file=args.config_file)
+                            strategy=args.strategy, config_file=args.config_file, dry_run=args.dry_run)
     plan = build_plan(args.recipe, args.overrides, request)
     return execute(plan, dry_run=args.dry_run)
 
@@ -223,7 +223,7 @@ def cmd_sweep(args) -> int:
             raise LauncherError("launcher sweep --slurm: give --nodes and --gpus-per-node (per point), as for launcher slurm")
         slurm, request = _slurm_requests(args)
         return run_slurm(sweep, request, slurm, limit=args.array, submit_now=args.submit)
-    request = LaunchRequest(nproc=args.nproc, strategy=args.strategy, config_file=args.config_file)
+    request = LaunchRequest(nproc=args.nproc, strategy=args.strategy, config_file=args.config_file, dry_run=args.dry_run)
     return run_local(sweep, request, dry_run=args.dry_run)
 
 

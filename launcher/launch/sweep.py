@@ -315,7 +315,8 @@ def print_points(sweep: Sweep, plans: dict[int, LaunchPlan], finished: list[int]
         if plan is None:
             what = "finished: skipped"
         else:
-            what = (f"{plan.total_steps} steps on {plan.nodes}x{plan.procs_per_node} {plan.device}, "
+            steps = "?" if plan.total_steps is None else plan.total_steps  # a dry run without the (Hub) data
+            what = (f"{steps} steps on {plan.nodes}x{plan.procs_per_node} {plan.device}, "
                     + (f"resuming from {plan.resume_from.name}" if plan.resume_from else "new"))
         print(f"  {point.index:>3}  {point.name:<{width}}  {what}")
 

@@ -90,7 +90,8 @@ def test_rendered_script_evaluates_ranks_on_each_node(assets, isolated_env, tmp_
     srun = script[script.index("srun "):script.index("' &")]
     assert srun.split("bash -c ", 1)[1].startswith("'")  # single quotes: expanded on each node
     assert '--machine_rank "$SLURM_NODEID"' in srun and "--kill-on-bad-exit=1" in srun
-    assert "--rdzv_backend c10d" in srun
+    assert '--rdzv_backend "$RDZV_BACKEND"' in srun
+    assert 'export RDZV_BACKEND=$([ "$NNODES" = 1 ] && echo static || echo c10d)' in script
     assert 'scontrol show hostnames "$SLURM_JOB_NODELIST" | head -n 1' in script
     assert "MAIN_PORT=$(( 20000 + SLURM_JOB_ID % 20000 ))" in script
     assert "#SBATCH --signal=B:USR1@120" in script and "trap on_preempt USR1 TERM" in script
