@@ -34,6 +34,7 @@ from ..errors import EXIT_FAILURE, EXIT_OK, EXIT_STOPPED, LauncherError, RecipeE
 from ..files import write_json_atomic
 from ..recipe import load_recipe, parse_override
 from ..schema import Recipe
+from ..tasks import TASKS
 from .local import execute
 from .plan import LaunchPlan, LaunchRequest, build_plan, free_port
 from .slurm import SlurmRequest, array_spec, check_request, sbatch_path, submit, write_array_job
@@ -297,6 +298,10 @@ def plan_points(sweep: Sweep, request: LaunchRequest) -> tuple[dict[int, LaunchP
     plans, finished = {}, []
     for point, recipe in zip(sweep.points, recipes):
         if point_state(point.run_dir) == "finished":
+            try:
+                TASKS[recipe.task](recipe).check_limits()  # as the run did: a default length may be lowered
+            except LauncherError as exc:
+                raise _point_error(point, exc) from None
             check_finished(point, recipe)
             finished.append(point.index)
             continue
