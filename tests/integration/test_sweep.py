@@ -5,6 +5,7 @@ continues from its checkpoint), and the summary says what each point's metrics.j
 from __future__ import annotations
 
 import json
+import os
 import signal
 import subprocess
 import sys
@@ -24,7 +25,7 @@ def sweep_command(recipe, directory, *args):
     return [sys.executable, "-m", "launcher", "sweep", str(recipe), *GRID, "--dir", str(directory), *args]
 
 
-def _wait_for_training(run_dir, step, process, timeout=600):
+def _wait_for_training(run_dir, step, process, timeout=1500):  # generous: the first point runs before it
     deadline = time.time() + timeout
     while time.time() < deadline:
         if process.poll() is not None:
@@ -60,10 +61,15 @@ def test_local_sweep_stops_resumes_skips_finished_points_and_summarizes(assets, 
     # 1. Point 0 runs to the end; point 1 is asked to stop mid-run (SIGUSR1 to the sweep, as Slurm would).
     env = dict(isolated_env, LAUNCHER_TEST_STEP_DELAY="0.5")
     process = subprocess.Popen(sweep_command(recipe, directory), env=env, cwd=REPO, stdout=subprocess.PIPE,
-                               stderr=subprocess.PIPE, text=True)
-    _wait_for_training(second, 2, process)
-    process.send_signal(signal.SIGUSR1)
-    out, err = process.communicate(timeout=300)
+                               stderr=subprocess.PIPE, text=True, start_new_session=True)
+    try:
+        _wait_for_training(second, 2, process)
+        process.send_signal(signal.SIGUSR1)
+        out, err = process.communicate(timeout=600)
+    finally:
+        if process.poll() is None:  # a failed wait: leave no sweep (and its ranks) running
+            os.killpg(process.pid, signal.SIGKILL)
+            process.wait()
     assert process.returncode == 75, err[-3000:]
     assert "sweep stopped at point 1 (micro_batch_size=16); run the same command again to resume" in err
     assert json.loads((first / "status.json").read_text())["state"] == "finished"
