@@ -22,6 +22,7 @@ import itertools
 import json
 import math
 import re
+import signal
 import sys
 from dataclasses import dataclass, replace
 from pathlib import Path
@@ -81,7 +82,8 @@ class Sweep:
 # ---- the points ----------------------------------------------------------------------------------
 
 def split_values(text: str) -> list[str]:
-    """`1e-5,3e-5` -> ['1e-5', '3e-5']; commas inside [...], {...} or quotes stay (`[a,b],[c]` is two values)."""
+    """`1e-5,3e-5` -> ['1e-5', '3e-5']; commas inside [...], {...} or quotes stay (`[a,b],[c]` is two values).
+    Own code: csv splits inside brackets, and a YAML flow list would read `1e-5,3e-5` as one string."""
     values, depth, quote, current = [], 0, None, ""
     for char in text:
         if quote:
@@ -341,11 +343,29 @@ def run_local(sweep: Sweep, request: LaunchRequest, dry_run: bool = False) -> in
         print("dry run: nothing started, nothing written")
         return EXIT_OK
     write_sweep_file(sweep)
-    failed = []
+    failed, stop = [], []
+
+    def request_stop(signum, frame):  # between points (during one, execute() asks its ranks to stop)
+        print(f"launcher sweep: {signal.Signals(signum).name}: stopping before the next point", file=sys.stderr, flush=True)
+        stop.append(signum)
+
+    previous = {sig: signal.signal(sig, request_stop) for sig in (signal.SIGTERM, signal.SIGUSR1)}
+    try:
+        return _run_points(sweep, request, plans, failed, stop)
+    finally:
+        for sig, handler in previous.items():
+            signal.signal(sig, handler)
+
+
+def _run_points(sweep: Sweep, request: LaunchRequest, plans: dict[int, LaunchPlan], failed: list, stop: list) -> int:
     for point in sweep.points:
         plan = plans.get(point.index)
         if plan is None:
             continue
+        if stop:
+            print(f"sweep stopped before point {point.index} ({point.name}); run the same command again to resume "
+                  f"(finished points are skipped)", file=sys.stderr)
+            return EXIT_STOPPED
         print(f"\n=== sweep point {point.index} of {len(sweep.points)}: {point.name} ===", flush=True)
         if plan.main_port is not None and request.main_port is None:
             # Chosen when the plan was made, possibly minutes ago: take one that is free now.
@@ -366,8 +386,6 @@ def run_local(sweep: Sweep, request: LaunchRequest, dry_run: bool = False) -> in
         return EXIT_FAILURE
     print(f"sweep finished: {len(sweep.points)} point(s); summary: {', '.join(str(p) for p in summary_paths)}")
     return EXIT_OK
-
-
 
 
 # ---- or as one Slurm job array -------------------------------------------------------------------

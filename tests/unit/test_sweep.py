@@ -22,7 +22,7 @@ from launcher.launch.sweep import (
     value_text,
 )
 from launcher.launch.sweep_summary import markdown_table, summarize
-from launcher.recipe import load_recipe, parse_override
+from launcher.recipe import parse_override
 
 MINIMAL = {"name": "r", "model": {"name_or_path": "some/model"}, "data": {"train": "train.csv"}}
 
