@@ -16,6 +16,7 @@ import yaml
 from conftest import REPO, check_ok, losses, read_events, toy_recipe_dict, write_recipe
 
 from launcher.recipe import load_recipe
+from launcher.tasks import TASKS
 
 STEPS = 8
 GRID = ["--grid", "evaluation.micro_batch_size=8,16"]  # two points that train identically: one is the other's reference
@@ -83,8 +84,9 @@ def test_local_sweep_stops_resumes_skips_finished_points_and_summarizes(assets, 
     for run_dir, value in ((first, 8), (second, 16)):
         saved = yaml.safe_load((run_dir / "recipe.yaml").read_text())
         expected = load_recipe(recipe, [f"evaluation.micro_batch_size={value}", f"output.dir={run_dir}",
-                                        "distributed.strategy=ddp"]).model_dump(mode="json")
-        assert saved == expected
+                                        "distributed.strategy=ddp"])
+        TASKS[expected.task](expected).check_limits()  # as every run does: the default max_length meets the model's 64
+        assert saved == expected.model_dump(mode="json")
 
     # 2. The same command again: point 0 is skipped, point 1 resumes from its checkpoint and finishes.
     finished_at = (first / "metrics.json").stat().st_mtime_ns
