@@ -18,6 +18,8 @@ from .launch.debug import run_debug
 from .launch.local import execute, print_plan
 from .launch.plan import LaunchRequest, build_plan
 from .launch.slurm import SlurmRequest, check_request, sbatch_path, submit, write_job
+from .launch.sweep import make_sweep, parse_grid_args, read_sweep_file, run_local, run_slurm
+from .launch.sweep_summary import markdown_table, summarize, write_summary
 from .recipe import load_recipe, recipe_to_yaml
 from .schema import STRATEGIES
 from .schema_doc import recipe_reference
@@ -30,6 +32,29 @@ def _add_recipe_args(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("overrides", nargs="*", metavar="KEY=VALUE", help="override recipe fields, e.g. training.learning_rate=3e-5")
     # SUPPRESS: a subcommand's default must not undo `launcher --verbose COMMAND`.
     parser.add_argument("--verbose", "-v", action="store_true", default=argparse.SUPPRESS, help="show full tracebacks")
+
+
+def _add_slurm_args(parser: argparse.ArgumentParser) -> None:
+    """The Slurm job options `launcher slurm` and `launcher sweep --slurm` share."""
+    parser.add_argument("--nproc-per-node", type=int, default=1, help="CPU processes per node when --gpus-per-node 0")
+    parser.add_argument("--partition", help="Slurm partition")
+    parser.add_argument("--time", default="01:00:00", help="time limit (default 01:00:00)")
+    parser.add_argument("--account", help="Slurm account")
+    parser.add_argument("--cpus-per-task", type=int, help="CPUs per node task (default: processes per node)")
+    parser.add_argument("--signal-seconds", type=int, default=120, help="preemption warning before the time limit (default 120)")
+    parser.add_argument("--strategy", choices=[s for s in STRATEGIES if s != "auto"], help="override distributed.strategy")
+    parser.add_argument("--mem", help="memory per node (sbatch --mem), e.g. 64G; 0 = all of it")
+    parser.add_argument("--exclusive", action="store_true", help="whole nodes only (sbatch --exclusive)")
+    parser.add_argument("--constraint", help="node features (sbatch --constraint), e.g. a100")
+    parser.add_argument("--qos", help="quality of service (sbatch --qos)")
+    parser.add_argument("--sbatch-arg", action="append", default=[], metavar="OPTION",
+                        help="another #SBATCH option, repeatable: --sbatch-arg=--reservation=maint")
+    parser.add_argument("--setup", action="append", default=[], metavar="LINE",
+                        help="a shell line run on every node before the launch, repeatable: --setup 'module load cuda/12.4'")
+    parser.add_argument("--container-image", help="run each node's task in this container (pyxis: srun --container-image)")
+    parser.add_argument("--container-mounts", help="pyxis mounts (default: the working and run directories)")
+    parser.add_argument("--container-python", default="python", help="the interpreter inside the container (default python)")
+    parser.add_argument("--submit", action="store_true", help="submit with sbatch after rendering")
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -69,25 +94,32 @@ def build_parser() -> argparse.ArgumentParser:
     _add_recipe_args(slurm)
     slurm.add_argument("--nodes", type=int, required=True, help="number of nodes")
     slurm.add_argument("--gpus-per-node", type=int, required=True, help="GPUs per node (0 for a CPU job)")
-    slurm.add_argument("--nproc-per-node", type=int, default=1, help="CPU processes per node when --gpus-per-node 0")
-    slurm.add_argument("--partition", help="Slurm partition")
-    slurm.add_argument("--time", default="01:00:00", help="time limit (default 01:00:00)")
-    slurm.add_argument("--account", help="Slurm account")
-    slurm.add_argument("--cpus-per-task", type=int, help="CPUs per node task (default: processes per node)")
-    slurm.add_argument("--signal-seconds", type=int, default=120, help="preemption warning before the time limit (default 120)")
-    slurm.add_argument("--strategy", choices=[s for s in STRATEGIES if s != "auto"], help="override distributed.strategy")
-    slurm.add_argument("--mem", help="memory per node (sbatch --mem), e.g. 64G; 0 = all of it")
-    slurm.add_argument("--exclusive", action="store_true", help="whole nodes only (sbatch --exclusive)")
-    slurm.add_argument("--constraint", help="node features (sbatch --constraint), e.g. a100")
-    slurm.add_argument("--qos", help="quality of service (sbatch --qos)")
-    slurm.add_argument("--sbatch-arg", action="append", default=[], metavar="OPTION",
-                       help="another #SBATCH option, repeatable: --sbatch-arg=--reservation=maint")
-    slurm.add_argument("--setup", action="append", default=[], metavar="LINE",
-                       help="a shell line run on every node before the launch, repeatable: --setup 'module load cuda/12.4'")
-    slurm.add_argument("--container-image", help="run each node's task in this container (pyxis: srun --container-image)")
-    slurm.add_argument("--container-mounts", help="pyxis mounts (default: the working and run directories)")
-    slurm.add_argument("--container-python", default="python", help="the interpreter inside the container (default python)")
-    slurm.add_argument("--submit", action="store_true", help="submit with sbatch after rendering")
+    _add_slurm_args(slurm)
+
+    sweep = sub.add_parser(
+        "sweep",
+        help="run the recipe over a grid or list of overrides, one run directory per point (here, or as a Slurm job array)",
+        description="Expand --grid KEY=V1,V2 (repeatable; the cartesian product) and/or a --sweep FILE (grid: and "
+        "points:) into points, check every point's recipe and plan, then run them one after another here (finished "
+        "points are skipped; run the same command again to resume) or, with --slurm, as one job array. "
+        "`launcher sweep --summary DIR` tabulates the points' results.",
+    )
+    sweep.add_argument("recipe", nargs="?", help="recipe YAML file")
+    sweep.add_argument("overrides", nargs="*", metavar="KEY=VALUE", help="overrides for every point")
+    sweep.add_argument("--verbose", "-v", action="store_true", default=argparse.SUPPRESS, help="show full tracebacks")
+    sweep.add_argument("--grid", action="append", default=[], metavar="KEY=V1,V2",
+                       help="values of one recipe key, repeatable: --grid training.learning_rate=1e-5,3e-5 --grid training.seed=1,2")
+    sweep.add_argument("--sweep", type=Path, metavar="FILE", help="a sweep file: grid: {KEY: [values]} and/or points: [{KEY: value}, ...]")
+    sweep.add_argument("--dir", type=Path, help="sweep directory (default runs/<recipe name>-sweep); each point runs in DIR/<point name>")
+    sweep.add_argument("--summary", type=Path, metavar="DIR", help="print and write (DIR/summary.json, DIR/summary.md) the results of the sweep in DIR")
+    sweep.add_argument("--dry-run", action="store_true", help="check and list the points, start and write nothing")
+    sweep.add_argument("--nproc", type=int, help="here: processes per point (default: GPUs visible, else 1)")
+    sweep.add_argument("--config-file", type=Path, help="here: use this accelerate config instead of generating one")
+    sweep.add_argument("--slurm", action="store_true", help="render one Slurm job array (a task per point) instead of running here")
+    sweep.add_argument("--array", type=int, metavar="CAP", help="--slurm: at most CAP points run at once (sbatch --array=...%%CAP)")
+    sweep.add_argument("--nodes", type=int, help="--slurm: nodes per point")
+    sweep.add_argument("--gpus-per-node", type=int, help="--slurm: GPUs per node (0 for a CPU job)")
+    _add_slurm_args(sweep)
 
     evaluate = sub.add_parser(
         "eval",
@@ -115,7 +147,7 @@ def cmd_train(args) -> int:
 def cmd_run(args) -> int:
     request = LaunchRequest(nproc=args.nproc, nodes=args.nodes, node_rank=args.node_rank,
                             main_address=args.main_address, main_port=args.main_port,
-                            strategy=args.strategy, config_file=args.config_file)
+                            strategy=args.strategy, config_file=args.config_file, dry_run=args.dry_run)
     plan = build_plan(args.recipe, args.overrides, request)
     return execute(plan, dry_run=args.dry_run)
 
@@ -126,7 +158,7 @@ def cmd_debug(args) -> int:
     return EXIT_OK
 
 
-def cmd_slurm(args) -> int:
+def _slurm_requests(args) -> tuple[SlurmRequest, LaunchRequest]:
     slurm = SlurmRequest(nodes=args.nodes, gpus_per_node=args.gpus_per_node, cpu_procs_per_node=args.nproc_per_node,
                          partition=args.partition, time=args.time, account=args.account,
                          cpus_per_task=args.cpus_per_task, signal_seconds=args.signal_seconds, mem=args.mem,
@@ -134,13 +166,18 @@ def cmd_slurm(args) -> int:
                          sbatch_args=tuple(args.sbatch_arg), setup=tuple(args.setup),
                          container_image=args.container_image, container_mounts=args.container_mounts,
                          container_python=args.container_python)
-    check_request(slurm)
-    if args.submit:
-        sbatch_path()  # fail before writing anything if it cannot be submitted
     procs = args.gpus_per_node or args.nproc_per_node
     # The compute nodes have the GPUs, whatever this login node has.
     request = LaunchRequest(nproc=procs, nodes=args.nodes, strategy=args.strategy, rendezvous_at_runtime=True,
                             device="cuda" if args.gpus_per_node else None)
+    return slurm, request
+
+
+def cmd_slurm(args) -> int:
+    slurm, request = _slurm_requests(args)
+    check_request(slurm)
+    if args.submit:
+        sbatch_path()  # fail before writing anything if it cannot be submitted
     plan = build_plan(args.recipe, args.overrides, request)
     print_plan(plan, show_command=False)
     script = write_job(plan, slurm)
@@ -150,6 +187,44 @@ def cmd_slurm(args) -> int:
     else:
         print(f"submit with: sbatch {script}")
     return EXIT_OK
+
+
+# Options of `launcher sweep` that belong to one of its modes (name, attribute, its default).
+_SLURM_ONLY = [("--nodes", "nodes", None), ("--gpus-per-node", "gpus_per_node", None), ("--array", "array", None),
+               ("--submit", "submit", False), ("--partition", "partition", None), ("--account", "account", None),
+               ("--qos", "qos", None), ("--constraint", "constraint", None), ("--mem", "mem", None),
+               ("--exclusive", "exclusive", False), ("--sbatch-arg", "sbatch_arg", []), ("--setup", "setup", []),
+               ("--container-image", "container_image", None), ("--nproc-per-node", "nproc_per_node", 1),
+               ("--time", "time", "01:00:00"), ("--signal-seconds", "signal_seconds", 120),
+               ("--cpus-per-task", "cpus_per_task", None)]
+_LOCAL_ONLY = [("--nproc", "nproc", None), ("--config-file", "config_file", None), ("--dry-run", "dry_run", False)]
+
+
+def cmd_sweep(args) -> int:
+    if args.summary is not None:
+        if args.recipe or args.grid or args.sweep or args.slurm:
+            raise LauncherError("launcher sweep --summary DIR takes no recipe, --grid, --sweep or --slurm")
+        summary = summarize(args.summary)
+        sys.stdout.write(markdown_table(summary))
+        for path in write_summary(summary):
+            print(f"wrote {path}")
+        return EXIT_OK
+    if not args.recipe:
+        raise LauncherError("launcher sweep: give a recipe (launcher sweep RECIPE --grid KEY=V1,V2) or --summary DIR")
+    given = [flag for flag, name, default in (_LOCAL_ONLY if args.slurm else _SLURM_ONLY) if getattr(args, name) != default]
+    if given:
+        mode = "a Slurm sweep (--slurm)" if args.slurm else "a local sweep (add --slurm for a job array)"
+        raise LauncherError(f"launcher sweep: {given[0]} does not apply to {mode}")
+    grid, points = read_sweep_file(args.sweep) if args.sweep else ({}, None)
+    grid.update(parse_grid_args(args.grid))
+    sweep = make_sweep(args.recipe, args.overrides, grid, points, args.dir)
+    if args.slurm:
+        if args.nodes is None or args.gpus_per_node is None:
+            raise LauncherError("launcher sweep --slurm: give --nodes and --gpus-per-node (per point), as for launcher slurm")
+        slurm, request = _slurm_requests(args)
+        return run_slurm(sweep, request, slurm, limit=args.array, submit_now=args.submit)
+    request = LaunchRequest(nproc=args.nproc, strategy=args.strategy, config_file=args.config_file, dry_run=args.dry_run)
+    return run_local(sweep, request, dry_run=args.dry_run)
 
 
 def cmd_eval(args) -> int:
@@ -170,8 +245,8 @@ def cmd_schema(args) -> int:
     return EXIT_OK
 
 
-COMMANDS = {"train": cmd_train, "eval": cmd_eval, "run": cmd_run, "debug": cmd_debug, "slurm": cmd_slurm, "check": cmd_check,
-            "schema": cmd_schema}
+COMMANDS = {"train": cmd_train, "eval": cmd_eval, "run": cmd_run, "debug": cmd_debug, "slurm": cmd_slurm, "sweep": cmd_sweep,
+            "check": cmd_check, "schema": cmd_schema}
 
 
 def _rank_prefix() -> str:

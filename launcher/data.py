@@ -15,7 +15,7 @@ from pathlib import Path
 
 import numpy as np
 
-from .errors import DataError
+from .errors import DataError, HubDataUnavailable
 from .paths import resolve_path
 from .recipe import recipe_base_dir
 from .schema import Recipe
@@ -191,6 +191,13 @@ def load_hub_splits(recipe: Recipe) -> dict:
     except Exception as exc:
         cause = _root_cause(exc)
         message = str(cause).strip().splitlines()[0] if str(cause).strip() else type(cause).__name__
+        if isinstance(exc, ConnectionError):  # what `datasets` raises for "not cached, and the Hub cannot be reached"
+            why = ("the Hub is switched off (HF_HUB_OFFLINE=1)" if datasets.config.HF_HUB_OFFLINE
+                   else f"the Hub cannot be reached ({str(exc).strip().splitlines()[0]})")
+            raise HubDataUnavailable(
+                f"data.dataset: {data.dataset} is a Hugging Face Hub dataset that is not in the local datasets cache, "
+                f"and {why}; download it once with network, or point data.train/validation/test at local files"
+            ) from None
         raise DataError(
             f"data.dataset: could not load {data.dataset!r} from the Hugging Face Hub ({message}); "
             f"without network, point data.train/validation/test at local files"

@@ -27,6 +27,11 @@ class DataError(LauncherError):
     """A data file or split is missing, empty, or does not match the recipe."""
 
 
+class HubDataUnavailable(DataError):
+    """A Hub dataset is neither in the local cache nor reachable (offline, or no network). A dry run plans
+    without it (its step count unknown); anything that trains stops here."""
+
+
 class ModelError(LauncherError):
     """The model path does not hold a loadable model/tokenizer."""
 

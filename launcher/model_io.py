@@ -32,6 +32,26 @@ def _resolve(value: str, recipe: Recipe, key: str) -> str:
     return str(path)
 
 
+def load_error(key: str, location: str, exc: Exception, what: str) -> ModelError:
+    """One line for a model, config or tokenizer that could not be loaded; for a Hub id that is not in the
+    local cache, what to do about the Hub (transformers' own message is a paragraph about connections)."""
+    first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
+    if Path(location).exists():
+        return ModelError(f"{key}: could not load {what} from {location} ({first})")
+    from huggingface_hub import constants
+
+    if constants.HF_HUB_OFFLINE:
+        return ModelError(
+            f"{key}: {location} is a Hugging Face Hub id and its {what} is not in the local Hugging Face cache, and "
+            f"the Hub is switched off (HF_HUB_OFFLINE=1); download it once with network (hf download {location}) "
+            f"or point {key} at a local directory"
+        )
+    return ModelError(
+        f"{key}: could not load {what} for {location} from the Hugging Face Hub ({first}); check the id and the "
+        f"network, or point {key} at a local directory"
+    )
+
+
 def model_location(recipe: Recipe) -> str:
     return _resolve(recipe.model.name_or_path, recipe, "model.name_or_path")
 
@@ -61,10 +81,7 @@ def load_tokenizer(recipe: Recipe):
             location, trust_remote_code=recipe.model.trust_remote_code, revision=recipe.model.revision
         )
     except OSError as exc:
-        first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
-        raise ModelError(
-            f"{key}: could not load a tokenizer from {location} ({first}); for a Hub id this needs network"
-        ) from None
+        raise load_error(key, location, exc, "tokenizer") from None
     if tokenizer.pad_token is None:
         # Decoder-only tokenizers often lack a pad token; padding positions are masked out anyway.
         if tokenizer.eos_token is None:
@@ -74,8 +91,7 @@ def load_tokenizer(recipe: Recipe):
 
 
 def load_model_error(exc: Exception, location: str) -> ModelError:
-    first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
-    return ModelError(f"model.name_or_path: could not load a model from {location} ({first})")
+    return load_error("model.name_or_path", location, exc, "model")
 
 
 def load_pretrained_model(auto_class: str, location: str, recipe: Recipe, **kwargs):

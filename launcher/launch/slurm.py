@@ -32,6 +32,8 @@ _OWNED_OPTIONS = {
     "--partition": "use --partition", "-p": "use --partition", "--account": "use --account", "-A": "use --account",
     "--mem": "use --mem", "--qos": "use --qos", "--constraint": "use --constraint", "-C": "use --constraint",
     "--exclusive": "use --exclusive", "--cpus-per-task": "use --cpus-per-task", "-c": "use --cpus-per-task",
+    "--array": "launcher sweep --slurm makes the array (one task per point; --array CAP limits how many run at once)",
+    "-a": "launcher sweep --slurm makes the array",
 }
 
 
@@ -109,6 +111,12 @@ def _in_single_quotes(text: str) -> str:
 
 
 def render(plan: LaunchPlan, request: SlurmRequest, workdir: Path | None = None) -> str:
+    return _SbatchTemplate(TEMPLATE.read_text()).substitute(_fields(plan, request, workdir))
+
+
+def _fields(plan: LaunchPlan, request: SlurmRequest, workdir: Path | None = None, mounted: Path | None = None) -> dict:
+    """The template's fields for one job running ``plan`` (``mounted``: the directory a container must
+    see besides the working directory; default the run directory)."""
     directives = []
     for option, value in (("partition", request.partition), ("account", request.account), ("qos", request.qos),
                           ("constraint", request.constraint), ("mem", request.mem)):
@@ -127,11 +135,11 @@ def render(plan: LaunchPlan, request: SlurmRequest, workdir: Path | None = None)
     if request.container_image:
         # pyxis (NVIDIA's Slurm plugin): the node's task runs inside the image, with the work and run
         # directories mounted at the same paths; the interpreter is the image's, not this machine's venv.
-        mounts = request.container_mounts or ",".join(sorted({str(workdir), str(run_dir)}))
+        mounts = request.container_mounts or ",".join(sorted({str(workdir), str((mounted or run_dir).resolve())}))
         srun_options = (f"--container-image={shlex.quote(request.container_image)} "
                         f"--container-mounts={shlex.quote(mounts)} --container-workdir={shlex.quote(str(workdir))} ")
         python = request.container_python
-    return _SbatchTemplate(TEMPLATE.read_text()).substitute(
+    return dict(
         job_name=request.job_name or plan.recipe.name,
         nodes=request.nodes,
         gpus_directive=gpus,
@@ -139,6 +147,8 @@ def render(plan: LaunchPlan, request: SlurmRequest, workdir: Path | None = None)
         time=request.time,
         signal_seconds=request.signal_seconds,
         run_dir=shlex.quote(str(run_dir)),
+        log_path=shlex.quote(str(run_dir)) + "/slurm-%j.out",
+        select_point="",
         extra_directives="\n".join(directives),
         python=shlex.quote(python),
         cpu_procs_per_node=request.cpu_procs_per_node,
@@ -177,6 +187,65 @@ def write_job(plan: LaunchPlan, request: SlurmRequest) -> Path:
     write_text_atomic(plan.launch_dir / "accelerate_config.yaml",
                       yaml.safe_dump(slurm_accelerate_config(plan), sort_keys=False))
     script = plan.run_dir / "job.sbatch"
+    write_text_atomic(script, text)
+    os.chmod(script, 0o755)
+    return script
+
+
+# ---- job arrays (launcher sweep --slurm): the same template, one array task per sweep point ----------
+
+ARRAY_SCRIPT = "sweep.sbatch"
+TRAIN_ARGS = "train_args"  # <point run dir>/launch/train_args: what follows `-m launcher train`, one per line
+
+
+def array_spec(indices: list[int], limit: int | None = None) -> str:
+    """[0, 1, 2, 5] -> '0-2,5' (sbatch --array), with '%LIMIT' when at most LIMIT tasks may run at once."""
+    parts, start = [], None
+    for i, index in enumerate(indices):
+        if start is None:
+            start = index
+        if i + 1 == len(indices) or indices[i + 1] != index + 1:
+            parts.append(str(start) if start == index else f"{start}-{index}")
+            start = None
+    return ",".join(parts) + (f"%{limit}" if limit else "")
+
+
+def render_array(plans: dict[int, LaunchPlan], run_dirs: list[Path], request: SlurmRequest, sweep_dir: Path,
+                 limit: int | None = None, workdir: Path | None = None) -> str:
+    """One job array over the points in ``plans`` (index -> plan): task i takes run_dirs[i] and reads
+    its training arguments from there, so the job itself is the single-job template's, unchanged."""
+    first = plans[min(plans)]
+    fields = _fields(first, request, workdir, mounted=sweep_dir)
+    listing = "".join(f"    {shlex.quote(str(path.resolve()))}\n" for path in run_dirs)
+    fields.update(
+        job_name=request.job_name or sweep_dir.name,
+        log_path=shlex.quote(str(sweep_dir.resolve())) + "/slurm-%A_%a.out",
+        extra_directives="\n".join(filter(None, [f"#SBATCH --array={array_spec(sorted(plans), limit)}",
+                                                 fields["extra_directives"]])),
+        select_point=(
+            "# Job array: task i runs sweep point i (sweep.json); its run directory holds its accelerate config\n"
+            "# and its training arguments (launch/" + TRAIN_ARGS + ").\n"
+            ': "${SLURM_ARRAY_TASK_ID:?submit this script as the job array it declares (sbatch reads its --array line)}"\n'
+            "POINT_RUN_DIRS=(\n" + listing + ")\n"
+        ),
+        run_dir='"${POINT_RUN_DIRS[$SLURM_ARRAY_TASK_ID]}"',
+        train_command='-m launcher train "${TRAIN_ARGS[@]}"',
+        node_setup=fields["node_setup"] + f'    mapfile -t TRAIN_ARGS < "$RUN_DIR/launch/{TRAIN_ARGS}"\n',
+    )
+    return _SbatchTemplate(TEMPLATE.read_text()).substitute(fields)
+
+
+def write_array_job(plans: dict[int, LaunchPlan], run_dirs: list[Path], request: SlurmRequest, sweep_dir: Path,
+                    limit: int | None = None) -> Path:
+    text = render_array(plans, run_dirs, request, sweep_dir, limit)
+    for plan in plans.values():
+        arguments = plan.train_argv()[3:]  # after `-m launcher train`
+        if any("\n" in argument for argument in arguments):
+            raise LauncherError(f"{plan.run_dir}: a training argument holds a line break; the job array reads one per line")
+        write_text_atomic(plan.launch_dir / "accelerate_config.yaml",
+                          yaml.safe_dump(slurm_accelerate_config(plan), sort_keys=False))
+        write_text_atomic(plan.launch_dir / TRAIN_ARGS, "".join(argument + "\n" for argument in arguments))
+    script = sweep_dir / ARRAY_SCRIPT
     write_text_atomic(script, text)
     os.chmod(script, 0o755)
     return script

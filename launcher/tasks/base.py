@@ -18,7 +18,7 @@ import torch
 
 from .. import timing
 from ..errors import ModelError
-from ..model_io import model_location
+from ..model_io import load_error, model_location
 from ..schema import Recipe, Section
 
 Batch = dict[str, Any]
@@ -255,9 +255,12 @@ def load_pretrained_config(recipe: Recipe, **task_kwargs):
     from transformers import AutoConfig
 
     location = model_location(recipe)
-    config = AutoConfig.from_pretrained(
-        location, trust_remote_code=recipe.model.trust_remote_code, revision=recipe.model.revision
-    )
+    try:
+        config = AutoConfig.from_pretrained(
+            location, trust_remote_code=recipe.model.trust_remote_code, revision=recipe.model.revision
+        )
+    except OSError as exc:  # not on disk, not in the Hub cache, Hub unreachable
+        raise load_error("model.name_or_path", location, exc, "config") from None
     for key, value in recipe.model.config_overrides.items():
         if not hasattr(config, key):
             close = difflib.get_close_matches(key, list(config.to_dict()), n=1)

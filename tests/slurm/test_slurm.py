@@ -90,11 +90,13 @@ def test_rendered_script_evaluates_ranks_on_each_node(assets, isolated_env, tmp_
     srun = script[script.index("srun "):script.index("' &")]
     assert srun.split("bash -c ", 1)[1].startswith("'")  # single quotes: expanded on each node
     assert '--machine_rank "$SLURM_NODEID"' in srun and "--kill-on-bad-exit=1" in srun
-    assert "--rdzv_backend c10d" in srun
+    assert '--rdzv_backend "$RDZV_BACKEND"' in srun
+    assert 'export RDZV_BACKEND=$([ "$NNODES" = 1 ] && echo static || echo c10d)' in script
     assert 'scontrol show hostnames "$SLURM_JOB_NODELIST" | head -n 1' in script
     assert "MAIN_PORT=$(( 20000 + SLURM_JOB_ID % 20000 ))" in script
     assert "#SBATCH --signal=B:USR1@120" in script and "trap on_preempt USR1 TERM" in script
-    assert 'scontrol requeue "$SLURM_JOB_ID"' in script and "#SBATCH --requeue" in script
+    assert 'scontrol requeue "$JOB_REF"' in script and "#SBATCH --requeue" in script
+    assert f"#SBATCH --output={tmp_path / 'run'}/slurm-%j.out" in script.splitlines() and "--array" not in script
     assert "world size:        4 node(s) x 8 process(es) = 32" in result.stdout
     syntax = subprocess.run(["bash", "-n", str(tmp_path / "run" / "job.sbatch")], capture_output=True, text=True)
     assert syntax.returncode == 0, syntax.stderr
