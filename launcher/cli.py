@@ -59,6 +59,9 @@ def build_parser() -> argparse.ArgumentParser:
     run.add_argument("--main-port", type=int, help="port on node 0 (multi-node; default: a free port)")
     run.add_argument("--strategy", choices=[s for s in STRATEGIES if s != "auto"], help="override distributed.strategy")
     run.add_argument("--config-file", type=Path, help="use this accelerate config instead of generating one")
+    run.add_argument("--memory-per-rank", metavar="SIZE",
+                     help="memory each rank may use, e.g. 16GiB, 800MiB, 1.5TB (default: the GPU's total memory, or "
+                          "host memory / processes per node); distributed.strategy=auto picks from it")
     run.add_argument("--dry-run", action="store_true", help="print the plan and the command, start nothing")
 
     debug = sub.add_parser("debug", help="one process, a few batches, anomaly detection, full tracebacks")
@@ -76,6 +79,9 @@ def build_parser() -> argparse.ArgumentParser:
     slurm.add_argument("--signal-seconds", type=int, default=120, help="preemption warning before the time limit (default 120)")
     slurm.add_argument("--strategy", choices=[s for s in STRATEGIES if s != "auto"], help="override distributed.strategy")
     slurm.add_argument("--submit", action="store_true", help="submit with sbatch after rendering")
+    slurm.add_argument("--memory-per-rank", metavar="SIZE",
+                       help="memory of each GPU (or CPU process) on the compute nodes, e.g. 80GiB; "
+                            "distributed.strategy=auto picks from it (needed for auto with --gpus-per-node > 0)")
 
     evaluate = sub.add_parser(
         "eval",
@@ -103,7 +109,7 @@ def cmd_train(args) -> int:
 def cmd_run(args) -> int:
     request = LaunchRequest(nproc=args.nproc, nodes=args.nodes, node_rank=args.node_rank,
                             main_address=args.main_address, main_port=args.main_port,
-                            strategy=args.strategy, config_file=args.config_file)
+                            strategy=args.strategy, config_file=args.config_file, memory_per_rank=args.memory_per_rank)
     plan = build_plan(args.recipe, args.overrides, request)
     return execute(plan, dry_run=args.dry_run)
 
@@ -124,7 +130,7 @@ def cmd_slurm(args) -> int:
     procs = args.gpus_per_node or args.nproc_per_node
     # The compute nodes have the GPUs, whatever this login node has.
     request = LaunchRequest(nproc=procs, nodes=args.nodes, strategy=args.strategy, rendezvous_at_runtime=True,
-                            device="cuda" if args.gpus_per_node else None)
+                            device="cuda" if args.gpus_per_node else None, memory_per_rank=args.memory_per_rank)
     plan = build_plan(args.recipe, args.overrides, request)
     print_plan(plan, show_command=False)
     script = write_job(plan, slurm)

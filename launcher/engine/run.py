@@ -25,7 +25,7 @@ from .. import faults
 from ..data import prepare_data
 from ..errors import DataError, StopRequested, TrainingError
 from ..model_io import load_tokenizer
-from ..finetune import apply_method, export_merged
+from ..finetune import apply_method, enable_gradient_checkpointing, export_merged
 from ..plan import total_optimizer_steps
 from ..recipe import recipe_to_yaml
 from ..schema import Recipe
@@ -123,7 +123,10 @@ class FineTuneRun:
             )
         training = recipe.training
         self.total_steps = total_optimizer_steps(training, self.steps_per_epoch)
-        self.model = apply_method(task.build_model(self.tokenizer), recipe, task)
+        model = task.build_model(self.tokenizer)
+        if training.gradient_checkpointing:
+            enable_gradient_checkpointing(model)
+        self.model = apply_method(model, recipe, task)
 
         # Everything the user could have got wrong has been checked; now the run directory is written.
         self.stop_file = self.out_dir / "STOP"

@@ -104,16 +104,19 @@ class Task:
         """Extra config attributes to set when loading (e.g. num_labels / id2label)."""
         return {}
 
-    def count_parameters(self) -> int:
-        """Parameters of the model this task would build, without loading weights (meta device)."""
+    def meta_model(self):
+        """The model this task would build, on the meta device: its shape and parameters, no weights."""
         import transformers
 
         _, config = load_pretrained_config(self.recipe, **self.model_config_kwargs())
         with torch.device("meta"):
-            model = getattr(transformers, self.auto_model_class).from_config(
+            return getattr(transformers, self.auto_model_class).from_config(
                 config, trust_remote_code=self.recipe.model.trust_remote_code
             )
-        return sum(p.numel() for p in model.parameters())
+
+    def count_parameters(self) -> int:
+        """Parameters of the model this task would build, without loading weights (meta device)."""
+        return sum(p.numel() for p in self.meta_model().parameters())
 
     # ---- batches ------------------------------------------------------------------------
     def collate(self, rows: dict[str, list], tokenizer) -> Batch:

@@ -345,15 +345,14 @@ class CausalLMSFTTask(Task):
         return encode
 
     # ---- model --------------------------------------------------------------------------
-    def count_parameters(self) -> int:
+    def meta_model(self):
         if not self.recipe.model.gguf_file:
-            return super().count_parameters()
+            return super().meta_model()
         import transformers
 
         _, _, config = gguf_config(self.recipe)
         with torch.device("meta"):
-            model = transformers.AutoModelForCausalLM.from_config(config)
-        return sum(p.numel() for p in model.parameters())
+            return transformers.AutoModelForCausalLM.from_config(config)
 
     def build_model(self, tokenizer):
         from transformers import AutoModelForCausalLM
