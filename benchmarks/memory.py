@@ -199,8 +199,11 @@ MODEL_INPUTS = ("input_ids", "attention_mask")
 
 
 def run_model(model, batch: dict, loss_fn, checkpointing: bool) -> Measured:
+    """Measure one step, with gradient checkpointing switched on as the launcher's engine does it."""
+    from launcher.finetune import enable_gradient_checkpointing
+
     if checkpointing:
-        model.activation_checkpointing_enable(activation_checkpointing_kwargs={"use_reentrant": False})
+        enable_gradient_checkpointing(model)
     else:
         model.activation_checkpointing_disable()
     inputs = {k: batch[k] for k in MODEL_INPUTS}
