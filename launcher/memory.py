@@ -214,7 +214,7 @@ class MemoryChoice:
 
     def table(self) -> list[str]:
         """The table the decision was made from: one row per rung."""
-        unit, scale = next(((u, f) for u, f in (("GiB", 2**30), ("MiB", 2**20)) if self.usable >= 4 * f), ("KiB", 2**10))
+        unit, scale = next(((u, f) for u, f in (("GiB", 2**30), ("MiB", 2**20)) if self.usable >= f), ("KiB", 2**10))
 
         def cell(value: float) -> str:
             return "?" if math.isnan(value) else f"{value / scale:.2f}"

@@ -199,7 +199,10 @@ class FineTuneRun:
                  backend=self.topology.backend, device_type=self.accelerator.device.type, recipe=self.recipe,
                  batch=self.topology.batch, data=self.data, steps_per_epoch=self.steps_per_epoch,
                  total_steps=self.total_steps, warmup=warmup, length_limits=self.task.length_limits(),
-                 parameters=count_parameters(self.model), fresh=self.start.resume_from is None)
+                 parameters=count_parameters(self.model), fresh=self.start.resume_from is None,
+                 # what the model does, not what the recipe asked: a layer that checkpoints
+                 gradient_checkpointing=any(getattr(m, "gradient_checkpointing", False) is True
+                                            for m in self.accelerator.unwrap_model(self.model).modules()))
         self._write_status("running")
 
     def _write_status(self, state: str, **extra) -> None:

@@ -209,7 +209,8 @@ def describe(plan: LaunchPlan) -> list[tuple[str, str]]:
         ("recipe", f"{plan.recipe_path} ({plan.recipe.task}, model {plan.recipe.model.name_or_path})"),
         ("world size", f"{plan.nodes} node(s) x {plan.procs_per_node} process(es) = {plan.world_size} ({plan.device}, {backend})"),
         ("batch", plan.batch.describe()),
-        ("strategy", str(plan.strategy) + (f" (auto: {plan.memory_choice.reason()}; table below)" if plan.memory_choice else "")),
+        ("strategy", f"{plan.memory_choice.chosen.rung} (auto: {plan.memory_choice.reason()}; table below)"
+                     if plan.memory_choice else str(plan.strategy)),
         ("precision", training.precision),
         ("steps", f"{plan.total_steps} optimizer steps; {plan.steps_per_epoch} per epoch over {plan.train_examples:,} training features"),
         ("parameters", f"{plan.num_parameters:,}"),

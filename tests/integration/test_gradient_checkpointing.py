@@ -44,19 +44,25 @@ def launcher_run(tmp_path_factory, assets, env, name, *args):
 
 
 @pytest.fixture(scope="module")
-def runs(tmp_path_factory, assets, isolated_env):
+def one_process_runs(tmp_path_factory, assets, isolated_env):
     return {
-        "1 process": one_process(tmp_path_factory, assets, isolated_env, "plain"),
-        "1 process, checkpointing": one_process(tmp_path_factory, assets, isolated_env, "ckpt", gradient_checkpointing=True),
-        "2 ranks, ddp": launcher_run(tmp_path_factory, assets, isolated_env, "ddp", "--strategy", "ddp"),
-        # The tiny BERT's model states are ~0.2 MiB and its activations at 8 x 128 ~10 MiB (~6 with checkpointing):
-        # 10.3 MiB per rank leaves room for ZeRO-3 with checkpointing only.
-        "2 ranks, auto": launcher_run(tmp_path_factory, assets, isolated_env, "auto", "--memory-per-rank", "10.3MiB"),
+        "plain": one_process(tmp_path_factory, assets, isolated_env, "plain"),
+        "checkpointing": one_process(tmp_path_factory, assets, isolated_env, "ckpt", gradient_checkpointing=True),
     }
 
 
-def test_checkpointing_gives_the_same_losses_on_one_process(runs):
-    plain, checkpointed = runs["1 process"], runs["1 process, checkpointing"]
+@pytest.fixture(scope="module")
+def two_rank_runs(tmp_path_factory, assets, isolated_env):
+    return {
+        "ddp": launcher_run(tmp_path_factory, assets, isolated_env, "ddp", "--strategy", "ddp"),
+        # The tiny BERT's model states are ~0.2 MiB and its activations at 8 x 128 ~10 MiB (~6 with checkpointing):
+        # 10.3 MiB per rank leaves room for ZeRO-3 with checkpointing only.
+        "auto": launcher_run(tmp_path_factory, assets, isolated_env, "auto", "--memory-per-rank", "10.3MiB"),
+    }
+
+
+def test_checkpointing_gives_the_same_losses_on_one_process(one_process_runs):
+    plain, checkpointed = one_process_runs["plain"], one_process_runs["checkpointing"]
     assert read_events(plain, "start")[0]["gradient_checkpointing"] is False
     assert read_events(checkpointed, "start")[0]["gradient_checkpointing"] is True
     assert len(losses(plain)) == STEPS
@@ -64,15 +70,15 @@ def test_checkpointing_gives_the_same_losses_on_one_process(runs):
     assert len(set(losses(plain))) == STEPS  # the steps differ: a real comparison, not of a constant
 
 
-def test_auto_chooses_zero3_with_checkpointing_and_every_rank_runs_it(runs):
-    run_dir, plan = runs["2 ranks, auto"]
+def test_auto_chooses_zero3_with_checkpointing_and_every_rank_runs_it(two_rank_runs):
+    run_dir, plan = two_rank_runs["auto"]
     out = " ".join(plan.split())
-    assert "strategy: zero3 (auto: the cheapest that fits" in out
+    assert "strategy: zero3 + checkpointing (auto: the cheapest that fits" in out
     assert "zero3 + checkpointing" in out and "<- chosen" in out
     assert "training.gradient_checkpointing=true distributed.strategy=zero3" in out  # the ranks' command line
     start = read_events(run_dir, "start")[0]
     assert (start["strategy"], start["gradient_checkpointing"], start["world_size"]) == ("zero3", True, 2)
     # ZeRO-3 + checkpointing on 2 ranks trains exactly as DDP without checkpointing (dropout on)
-    ddp_dir, _ = runs["2 ranks, ddp"]
+    ddp_dir, _ = two_rank_runs["ddp"]
     assert read_events(ddp_dir, "start")[0]["gradient_checkpointing"] is False
     assert losses(run_dir) == pytest.approx(losses(ddp_dir), rel=1e-5, abs=1e-5)
