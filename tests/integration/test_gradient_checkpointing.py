@@ -27,9 +27,9 @@ def losses(run_dir) -> list[float]:
     return [event["loss"] for event in read_events(run_dir, "train")]
 
 
-def one_process(tmp_path_factory, assets, env, name, **training):
+def one_process(tmp_path_factory, assets, env, name, method="full", **training):
     root = tmp_path_factory.mktemp(name)
-    path = write_recipe(root / "recipe.yaml", recipe(assets, root / "run", **training))
+    path = write_recipe(root / "recipe.yaml", {**recipe(assets, root / "run", **training), "finetune": {"method": method}})
     check_ok(run_launcher(["train", str(path)], env))
     return root / "run"
 
@@ -82,3 +82,16 @@ def test_auto_chooses_zero3_with_checkpointing_and_every_rank_runs_it(two_rank_r
     ddp_dir, _ = two_rank_runs["ddp"]
     assert read_events(ddp_dir, "start")[0]["gradient_checkpointing"] is False
     assert losses(run_dir) == pytest.approx(losses(ddp_dir), rel=1e-5, abs=1e-5)
+
+
+@pytest.mark.parametrize("method", ["lora", "adapter"])
+def test_checkpointing_with_parameter_efficient_methods(tmp_path_factory, assets, isolated_env, method):
+    """Only the method's weights (and the head) train: gradients must still reach them through the
+    checkpointed layers (peft's LoRA inside them; the launcher's adapters as hooks outside them)."""
+    runs = [one_process(tmp_path_factory, assets, isolated_env, f"{method}-{flag}", method=method,
+                        gradient_checkpointing=flag, max_steps=3) for flag in (False, True)]
+    for run_dir in runs:
+        assert read_events(run_dir, "start")[0]["finetune_method"] == method
+    plain, checkpointed = (losses(run_dir) for run_dir in runs)
+    assert read_events(runs[1], "start")[0]["gradient_checkpointing"] is True
+    assert checkpointed == pytest.approx(plain, rel=1e-5, abs=1e-5) and len(set(plain)) == 3
