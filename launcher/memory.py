@@ -18,7 +18,7 @@ from dataclasses import dataclass
 from typing import Callable
 
 from .errors import LauncherError, TopologyError
-from .plan import MemoryEstimate, Strategy, format_bytes, memory_estimate
+from .plan import Strategy, format_bytes, memory_estimate
 
 # Use at most this share of a rank's memory: the estimate leaves out the CUDA context and kernels'
 # workspaces (~0.5-1 GiB on a GPU), allocator fragmentation, and communication buffers.

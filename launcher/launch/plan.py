@@ -218,7 +218,9 @@ def describe(plan: LaunchPlan) -> list[tuple[str, str]]:
                           f"optimizer state {format_bytes(memory.optimizer)} = {format_bytes(memory.device_total)} on "
                           f"{plan.device}" + (f"; {format_bytes(memory.cpu)} offloaded to CPU" if memory.cpu else "")
                           + " (model states only; activations extra)"),
-        ("activations", f"{format_bytes(plan.activations)} / rank estimated for micro_batch_size {plan.batch.micro_batch_size}"
+        ("activations", "not estimated: the model's config does not name its layers, hidden size, heads and vocabulary"
+                        if math.isnan(plan.activations) else
+                        f"{format_bytes(plan.activations)} / rank estimated for micro_batch_size {plan.batch.micro_batch_size}"
                         f" x data.max_length {plan.recipe.data.max_length}"
                         + (" with gradient checkpointing" if training.gradient_checkpointing else "")),
         ("run directory", str(plan.run_dir) + (f" (resuming from {plan.resume_from.name})" if plan.resume_from else "")),
