@@ -153,11 +153,12 @@ def build_plan(recipe_path: str | Path, overrides: list[str], request: LaunchReq
     # auto follows an accelerate config that names DeepSpeed (an explicit choice); otherwise it is chosen
     # from memory below, once the model's size and shape are known.
     by_memory = recipe.distributed.strategy == "auto" and strategy_from_accelerate_env(env_view) is None
+    # Checked now, before the data: with auto, against DDP (its checks are the ones every strategy shares; a
+    # rung's own, e.g. compile under DeepSpeed, are asked rung by rung when choosing).
+    check_launch(recipe.training, strategy, batch, env_view, cuda=device == "cuda")
     if by_memory:
         budget, budget_source = memory_budget(request.memory_per_rank, device, procs_per_node,
                                               request.rendezvous_at_runtime)
-    else:
-        check_launch(recipe.training, strategy, batch, env_view, cuda=device == "cuda")
 
     start = decide_start(recipe)
     task = TASKS[recipe.task](recipe)
