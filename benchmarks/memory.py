@@ -1,7 +1,7 @@
 """Activation memory: the plan's estimate beside what a training step really holds, with and without
 gradient checkpointing (CPU, fp32, models built from configs with random weights).
 
-    .venv/bin/python benchmarks/memory.py            # ~5 minutes on 2 busy cores; --quick: one shape per model
+    .venv/bin/python benchmarks/memory.py [--layers-check]   # ~10 minutes on 2 busy cores; --quick: one shape per model
 
 Two measurements of one forward + backward (the tasks' own loss: cross-entropy summed over the
 supervised targets), both deterministic on a CPU, unlike the process RSS:
