@@ -54,6 +54,9 @@ def _add_slurm_args(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--container-image", help="run each node's task in this container (pyxis: srun --container-image)")
     parser.add_argument("--container-mounts", help="pyxis mounts (default: the working and run directories)")
     parser.add_argument("--container-python", default="python", help="the interpreter inside the container (default python)")
+    parser.add_argument("--memory-per-rank", metavar="SIZE",
+                        help="memory of each GPU (or CPU process) on the compute nodes, e.g. 80GiB; "
+                             "distributed.strategy=auto picks from it (needed for auto with --gpus-per-node > 0)")
     parser.add_argument("--submit", action="store_true", help="submit with sbatch after rendering")
 
 
@@ -85,6 +88,9 @@ def build_parser() -> argparse.ArgumentParser:
     run.add_argument("--main-port", type=int, help="port on node 0 (multi-node; default: a free port)")
     run.add_argument("--strategy", choices=[s for s in STRATEGIES if s != "auto"], help="override distributed.strategy")
     run.add_argument("--config-file", type=Path, help="use this accelerate config instead of generating one")
+    run.add_argument("--memory-per-rank", metavar="SIZE",
+                     help="memory each rank may use, e.g. 16GiB, 800MiB, 1.5TB (default: the GPU's total memory, or "
+                          "host memory / processes per node); distributed.strategy=auto picks from it")
     run.add_argument("--dry-run", action="store_true", help="print the plan and the command, start nothing")
 
     debug = sub.add_parser("debug", help="one process, a few batches, anomaly detection, full tracebacks")
@@ -147,7 +153,8 @@ def cmd_train(args) -> int:
 def cmd_run(args) -> int:
     request = LaunchRequest(nproc=args.nproc, nodes=args.nodes, node_rank=args.node_rank,
                             main_address=args.main_address, main_port=args.main_port,
-                            strategy=args.strategy, config_file=args.config_file, dry_run=args.dry_run)
+                            strategy=args.strategy, config_file=args.config_file, dry_run=args.dry_run,
+                            memory_per_rank=args.memory_per_rank)
     plan = build_plan(args.recipe, args.overrides, request)
     return execute(plan, dry_run=args.dry_run)
 
@@ -169,7 +176,8 @@ def _slurm_requests(args) -> tuple[SlurmRequest, LaunchRequest]:
     procs = args.gpus_per_node or args.nproc_per_node
     # The compute nodes have the GPUs, whatever this login node has.
     request = LaunchRequest(nproc=procs, nodes=args.nodes, strategy=args.strategy, rendezvous_at_runtime=True,
-                            device="cuda" if args.gpus_per_node else None)
+                            device="cuda" if args.gpus_per_node else None,
+                            memory_per_rank=args.memory_per_rank)
     return slurm, request
 
 
@@ -223,7 +231,8 @@ def cmd_sweep(args) -> int:
             raise LauncherError("launcher sweep --slurm: give --nodes and --gpus-per-node (per point), as for launcher slurm")
         slurm, request = _slurm_requests(args)
         return run_slurm(sweep, request, slurm, limit=args.array, submit_now=args.submit)
-    request = LaunchRequest(nproc=args.nproc, strategy=args.strategy, config_file=args.config_file, dry_run=args.dry_run)
+    request = LaunchRequest(nproc=args.nproc, strategy=args.strategy, config_file=args.config_file, dry_run=args.dry_run,
+                            memory_per_rank=args.memory_per_rank)
     return run_local(sweep, request, dry_run=args.dry_run)
 
 

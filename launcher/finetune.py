@@ -131,6 +131,28 @@ def attach_adapters(model: nn.Module, adapter_size: int) -> int:
     return len(blocks)
 
 
+def checkpointing_refusal(model: nn.Module) -> str | None:
+    """Why training.gradient_checkpointing cannot be used with this model, or None if it can."""
+    if not getattr(model, "supports_gradient_checkpointing", False):
+        model_type = getattr(getattr(model, "config", None), "model_type", "?")
+        return (f"training.gradient_checkpointing: this {model_type} model ({type(model).__name__}) does not support "
+                f"gradient checkpointing; set training.gradient_checkpointing=false")
+    return None
+
+
+def enable_gradient_checkpointing(model: nn.Module) -> None:
+    """Keep only each transformer layer's input in forward and recompute the layer in backward.
+
+    Non-reentrant torch checkpointing: it restores the RNG state for the recomputation (the same dropout
+    masks, so the same losses), works when only adapter weights require grad, and with ZeRO-3's parameter
+    hooks. transformers wraps each layer's `forward`, so module hooks - the launcher's adapters, ZeRO-3's
+    gathers - run once, outside the recomputation. Called before the fine-tuning method is applied."""
+    refusal = checkpointing_refusal(model)
+    if refusal:
+        raise ModelError(refusal)
+    model.activation_checkpointing_enable(activation_checkpointing_kwargs={"use_reentrant": False})
+
+
 def _is_head(name: str, heads: tuple[str, ...]) -> bool:
     return any(part in heads for part in name.split("."))
 

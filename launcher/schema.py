@@ -146,6 +146,12 @@ class TrainingSection(Section):
         "1 on CPU where padding only costs time).",
     )
     compile: bool = Field(False, description="torch.compile the model (DDP only; first steps are slow while it compiles).")
+    gradient_checkpointing: bool = Field(
+        False,
+        description="Keep only each transformer layer's input during the forward pass and recompute the layer in "
+        "backward: much less activation memory for ~1/3 more compute; the same losses. "
+        "`distributed.strategy: auto` turns it on when the model would not fit otherwise.",
+    )
     on_nonfinite_loss: Literal["error", "skip"] = Field(
         "error",
         description="A NaN/inf loss: stop with an error naming the step, or skip that update and count it "
@@ -185,8 +191,10 @@ class EvaluationSection(Section):
 class DistributedSection(Section):
     strategy: Literal[STRATEGIES] = Field(
         "auto",
-        description="auto (what `accelerate launch` was configured with, else DDP), ddp, or DeepSpeed "
-        "zero0/zero1/zero2/zero3/zero3_offload.",
+        description="auto: `launcher run`/`launcher slurm` pick the cheapest strategy whose estimated memory fits each "
+        "rank (ddp, zero1, zero2, zero3, zero3 + gradient checkpointing, zero3_offload + checkpointing; see "
+        "--memory-per-rank), unless the accelerate config names DeepSpeed, which is then followed; a rank started by "
+        "hand (accelerate launch/torchrun) with auto runs DDP. Or ddp, or DeepSpeed zero0/zero1/zero2/zero3/zero3_offload.",
     )
     timeout_minutes: float = Field(
         30, gt=0, description="Process-group timeout: how long a collective may wait for a missing rank."
@@ -323,6 +331,16 @@ class Recipe(Section):
         if not value or "/" in value or value.startswith("."):
             raise ValueError("must be a non-empty name without '/' (it becomes a directory name)")
         return value
+
+    @model_validator(mode="after")
+    def _checkpointing_keeps_the_prefix(self) -> "Recipe":
+        if self.training.gradient_checkpointing and self.finetune.method == "prefix_tuning":
+            raise ValueError(
+                "training.gradient_checkpointing does not work with finetune.method=prefix_tuning: the learned prefix "
+                "is handed to the model as a key/value cache, which checkpointed layers drop; use lora or adapter, "
+                "or turn gradient_checkpointing off"
+            )
+        return self
 
     @model_validator(mode="after")
     def _metrics_known(self) -> "Recipe":

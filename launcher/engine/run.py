@@ -25,7 +25,7 @@ from .. import faults, timing
 from ..data import prepare_data
 from ..errors import DataError, StopRequested, TrainingError
 from ..model_io import load_tokenizer
-from ..finetune import apply_method, export_merged
+from ..finetune import apply_method, enable_gradient_checkpointing, export_merged
 from ..plan import total_optimizer_steps
 from ..recipe import recipe_to_yaml
 from ..schema import Recipe
@@ -144,7 +144,10 @@ class FineTuneRun:
             )
         training = recipe.training
         self.total_steps = total_optimizer_steps(training, self.steps_per_epoch)
-        self.model = apply_method(task.build_model(self.tokenizer), recipe, task)
+        model = task.build_model(self.tokenizer)
+        if training.gradient_checkpointing:
+            enable_gradient_checkpointing(model)
+        self.model = apply_method(model, recipe, task)
 
         # Everything the user could have got wrong has been checked; now the run directory is written.
         self.stop_file = self.out_dir / "STOP"
@@ -219,7 +222,10 @@ class FineTuneRun:
                  backend=self.topology.backend, device_type=self.accelerator.device.type, recipe=self.recipe,
                  batch=self.topology.batch, data=self.data, steps_per_epoch=self.steps_per_epoch,
                  total_steps=self.total_steps, warmup=warmup, length_limits=self.task.length_limits(),
-                 parameters=count_parameters(self.model), fresh=self.start.resume_from is None)
+                 parameters=count_parameters(self.model), fresh=self.start.resume_from is None,
+                 # what the model does, not what the recipe asked: a layer that checkpoints
+                 gradient_checkpointing=any(getattr(m, "gradient_checkpointing", False) is True
+                                            for m in self.accelerator.unwrap_model(self.model).modules()))
         self._write_status("running")
 
     def _write_status(self, state: str, **extra) -> None:

@@ -13,14 +13,20 @@ from .log import RankLog, format_seconds
 
 def announce(log: RankLog, *, out_dir, strategy, world_size: int, backend: str, device_type: str, recipe, batch,
              data, steps_per_epoch: int, total_steps: int, warmup: int, length_limits: str,
-             parameters: tuple[int, int], fresh: bool) -> None:
+             parameters: tuple[int, int], fresh: bool, gradient_checkpointing: bool = False) -> None:
     """The run's plan as this rank sees it, in log lines; and the `start` event of a fresh run."""
     trainable, total = parameters
     sizes = ", ".join(f"{name} {len(ds)}" for name, ds in data.features.items())
     dropped = {k: v for k, v in data.dropped.items() if v}
     log.info(f"run directory: {out_dir}")
     log.info(f"strategy {strategy} on {world_size} process(es) ({backend}, {device_type}); "
-             f"precision {recipe.training.precision}")
+             f"precision {recipe.training.precision}"
+             + ("; gradient checkpointing" if gradient_checkpointing else ""))
+    if recipe.distributed.strategy == "auto" and str(strategy) == "ddp":
+        # `launcher run`/`launcher slurm` choose auto's strategy from memory and tell every rank; a rank
+        # started by hand cannot (ranks could see different memory), so it runs DDP, on every rank alike.
+        log.info("distributed.strategy=auto without `launcher run`: DDP (the choice from memory is made by "
+                 "`launcher run`/`launcher slurm`; set distributed.strategy to pick another)")
     log.info(f"batch: {batch.describe()}")
     log.info(
         f"data: {sizes}" + (f"; dropped rows with other labels: {dropped}" if dropped else "")
@@ -41,6 +47,7 @@ def announce(log: RankLog, *, out_dir, strategy, world_size: int, backend: str, 
                    **batch.as_dict(), "total_steps": total_steps, "steps_per_epoch": steps_per_epoch,
                    "trainable_parameters": trainable, "parameters": total,
                    "trainable_share": trainable / max(total, 1), "finetune_method": recipe.finetune.method,
+                   "gradient_checkpointing": gradient_checkpointing,
                    "examples": {k: len(v) for k, v in data.features.items()}, "dropped": data.dropped,
                    "truncated": data.truncated})
 

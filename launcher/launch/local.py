@@ -28,6 +28,9 @@ def print_plan(plan: LaunchPlan, console: Console | None = None, show_command: b
     rows = describe(plan) + [("accelerate config", str(accelerate.config_path(plan)))]
     for label, value in rows:
         console.print(f"  {label + ':':<19}{value}", markup=False)
+    if plan.memory_choice is not None:
+        for line in plan.memory_choice.table():
+            console.print(f"    {line}", markup=False)
     if show_command:
         console.print("command:", style="bold")
         console.print(accelerate.command(plan), markup=False)

@@ -12,6 +12,7 @@ the accelerate config, DeepSpeed's availability, the data (to count steps) and t
 
 from __future__ import annotations
 
+import math
 import socket
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -19,6 +20,7 @@ from pathlib import Path
 from ..data import prepare_data
 from ..engine.outputs import decide_start
 from ..errors import DataError, HubDataUnavailable, LauncherError
+from ..memory import MemoryChoice, Rung, parse_size, rung_estimate
 from ..model_io import load_tokenizer
 from ..plan import (
     BatchPlan,
@@ -29,13 +31,15 @@ from ..plan import (
     memory_estimate,
     resolve_batch,
     resolve_strategy,
+    strategy_from_accelerate_env,
     total_optimizer_steps,
 )
-from ..recipe import load_recipe
+from ..recipe import load_recipe, with_overrides
 from ..sampling import steps_per_epoch
 from ..schema import Recipe
 from ..tasks import TASKS
 from . import accelerate
+from .memory import choose, memory_budget, model_facts
 
 
 @dataclass
@@ -52,6 +56,7 @@ class LaunchRequest:
     rendezvous_at_runtime: bool = False  # Slurm: main address/port are found by each job
     device: str | None = None  # None: this machine's (Slurm: the compute nodes', given by --gpus-per-node)
     dry_run: bool = False  # a plan to look at: a Hub dataset that cannot be fetched leaves the step count unknown
+    memory_per_rank: str | None = None  # e.g. "16GiB": what each rank may use (None: detected)
 
 
 @dataclass
@@ -77,6 +82,8 @@ class LaunchPlan:
     user_config: accelerate.UserConfig | None = None  # the user's own accelerate config (--config-file)
     rendezvous_at_runtime: bool = False
     notes: list[str] = field(default_factory=list)
+    activations: float = math.nan  # estimated activation bytes per rank (micro batch at data.max_length)
+    memory_choice: MemoryChoice | None = None  # how `distributed.strategy: auto` chose, when it did
 
     @property
     def world_size(self) -> int:
@@ -113,6 +120,8 @@ def _check_request(request: LaunchRequest) -> None:
         raise LauncherError(f"--node-rank {request.node_rank}: must be between 0 and --nodes - 1 ({request.nodes - 1})")
     if request.nodes > 1 and not request.rendezvous_at_runtime and (not request.main_address or not request.main_port):
         raise LauncherError("--nodes > 1 needs --main-address (node 0's address) and --main-port, the same on every node")
+    if request.memory_per_rank is not None:
+        parse_size(request.memory_per_rank)
 
 
 def build_plan(recipe_path: str | Path, overrides: list[str], request: LaunchRequest) -> LaunchPlan:
@@ -142,10 +151,15 @@ def build_plan(recipe_path: str | Path, overrides: list[str], request: LaunchReq
 
     strategy = resolve_strategy(recipe.distributed.strategy, env_view)
     batch = resolve_batch(recipe.training, world_size)
+    # auto follows an accelerate config that names DeepSpeed (an explicit choice); otherwise it is chosen
+    # from memory below, once the model's size and shape are known.
+    by_memory = recipe.distributed.strategy == "auto" and strategy_from_accelerate_env(env_view) is None
+    # Checked now, before the data: with auto, against DDP (its checks are the ones every strategy shares; a
+    # rung's own, e.g. compile under DeepSpeed, are asked rung by rung when choosing).
     check_launch(recipe.training, strategy, batch, env_view, cuda=device == "cuda")
-    if recipe.distributed.strategy != strategy.name:
-        # One value from the plan to every rank: each rank is told the strategy the plan resolved.
-        overrides.append(f"distributed.strategy={strategy}")
+    if by_memory:
+        budget, budget_source = memory_budget(request.memory_per_rank, device, procs_per_node,
+                                              request.rendezvous_at_runtime)
 
     task = TASKS[recipe.task](recipe)
     task.check_limits()
@@ -169,7 +183,25 @@ def build_plan(recipe_path: str | Path, overrides: list[str], request: LaunchReq
                 f"{data.sources['train']}: {examples} training rows are fewer than one global batch ({batch.describe()})"
             )
         total_steps = total_optimizer_steps(recipe.training, per_epoch)
+    # Counted after the data is prepared: the task's head is sized from it (e.g. the label set).
     parameters = task.count_parameters()
+    facts = model_facts(recipe, task, parameters)
+    choice = None
+    if by_memory:
+        choice = choose(recipe, facts, batch, env_view, device, budget, budget_source)
+        strategy = choice.chosen.rung.strategy
+        if choice.chosen.rung.checkpointing and not recipe.training.gradient_checkpointing:
+            # Part of the chosen rung: every rank is told, like the strategy.
+            overrides.append("training.gradient_checkpointing=true")
+            recipe = with_overrides(recipe, ["training.gradient_checkpointing=true"])
+        check_launch(recipe.training, strategy, batch, env_view, cuda=device == "cuda")
+    if recipe.distributed.strategy != strategy.name:
+        # One value from the plan to every rank: each rank is told the strategy the plan resolved.
+        overrides.append(f"distributed.strategy={strategy}")
+    estimate = choice.chosen if choice else rung_estimate(
+        Rung(strategy, recipe.training.gradient_checkpointing), facts, recipe.training.precision, world_size,
+        batch.micro_batch_size, recipe.data.max_length, device)
+
     main_port = request.main_port or (free_port() if world_size > 1 and nodes == 1 else None)
     return LaunchPlan(
         recipe=recipe, recipe_path=Path(recipe_path), overrides=overrides, strategy=strategy, device=device,
@@ -178,6 +210,7 @@ def build_plan(recipe_path: str | Path, overrides: list[str], request: LaunchReq
         num_parameters=parameters, memory=memory_estimate(parameters, strategy, recipe.training.precision, world_size),
         run_dir=start.run_dir, resume_from=start.resume_from, main_address=request.main_address, main_port=main_port,
         user_config=user_config, rendezvous_at_runtime=request.rendezvous_at_runtime, notes=notes,
+        activations=estimate.activations, memory_choice=choice,
     )
 
 
@@ -189,7 +222,8 @@ def describe(plan: LaunchPlan) -> list[tuple[str, str]]:
         ("recipe", f"{plan.recipe_path} ({plan.recipe.task}, model {plan.recipe.model.name_or_path})"),
         ("world size", f"{plan.nodes} node(s) x {plan.procs_per_node} process(es) = {plan.world_size} ({plan.device}, {backend})"),
         ("batch", plan.batch.describe()),
-        ("strategy", str(plan.strategy)),
+        ("strategy", f"{plan.memory_choice.chosen.rung} (auto: {plan.memory_choice.reason()}; table below)"
+                     if plan.memory_choice else str(plan.strategy)),
         ("precision", training.precision),
         ("steps", f"{plan.total_steps} optimizer steps; {plan.steps_per_epoch} per epoch over {plan.train_examples:,} training features"
                   if plan.total_steps is not None else "unknown (no training data here; see the note below)"),
@@ -198,6 +232,11 @@ def describe(plan: LaunchPlan) -> list[tuple[str, str]]:
                           f"optimizer state {format_bytes(memory.optimizer)} = {format_bytes(memory.device_total)} on "
                           f"{plan.device}" + (f"; {format_bytes(memory.cpu)} offloaded to CPU" if memory.cpu else "")
                           + " (model states only; activations extra)"),
+        ("activations", "not estimated: the model's config does not name its layers, hidden size, heads and vocabulary"
+                        if math.isnan(plan.activations) else
+                        f"{format_bytes(plan.activations)} / rank estimated for micro_batch_size {plan.batch.micro_batch_size}"
+                        f" x data.max_length {plan.recipe.data.max_length}"
+                        + (" with gradient checkpointing" if training.gradient_checkpointing else "")),
         ("run directory", str(plan.run_dir) + (f" (resuming from {plan.resume_from.name})" if plan.resume_from else "")),
     ]
     if plan.strategy.is_deepspeed:

@@ -109,15 +109,18 @@ class Task:
         """The config of the model this task builds (the recipe's overrides applied), without weights."""
         return load_pretrained_config(self.recipe, **self.model_config_kwargs())[1]
 
-    def count_parameters(self) -> int:
-        """Parameters of the model this task would build, without loading weights (meta device)."""
+    def meta_model(self):
+        """The model this task would build, on the meta device: its shape and parameters, no weights."""
         import transformers
 
         with torch.device("meta"):
-            model = getattr(transformers, self.auto_model_class).from_config(
+            return getattr(transformers, self.auto_model_class).from_config(
                 self.model_config(), trust_remote_code=self.recipe.model.trust_remote_code
             )
-        return sum(p.numel() for p in model.parameters())
+
+    def count_parameters(self) -> int:
+        """Parameters of the model this task would build, without loading weights (meta device)."""
+        return sum(p.numel() for p in self.meta_model().parameters())
 
     def length_settings(self) -> dict[str, tuple[Section, str]]:
         """Recipe key -> (section, field) of each token length the model is asked to take (checked

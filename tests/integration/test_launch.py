@@ -59,6 +59,9 @@ def test_dry_run_prints_the_plan_and_starts_nothing(toy, isolated_env, tmp_path)
         (["--config-file", str(CONFIGS / "deepspeed_zero2.yaml"), "distributed.strategy=zero3"],
          "distributed.strategy=zero3 but accelerate was launched with DeepSpeed zero2"),
         (["training.precision=fp16"], "fp16 needs a GPU"),
+        (["--memory-per-rank", "16"], "--memory-per-rank '16': give a size with its unit, e.g. 16GiB"),
+        (["--nproc", "2", "--memory-per-rank", "300KiB"],
+         "distributed.strategy=auto: nothing fits in 255.00 KiB per rank (85% of 300.00 KiB, --memory-per-rank): ddp "),
     ],
 )
 def test_bad_launch_requests_are_refused_before_anything_starts(toy, isolated_env, tmp_path, args, expected):

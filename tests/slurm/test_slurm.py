@@ -74,11 +74,14 @@ def test_rendered_script_evaluates_ranks_on_each_node(assets, isolated_env, tmp_
     """What public sbatch scripts get wrong, checked in the text (no cluster needed)."""
     path = write_recipe(tmp_path / "recipe.yaml", slurm_recipe(assets, tmp_path / "run"))
     result = render(path, isolated_env, "--nodes", "4", "--gpus-per-node", "8", "--partition", "gpu", "--time", "2:00:00",
-                    "--account", "proj", "--mem", "64G", "--exclusive", "--constraint", "a100", "--qos", "high",
+                    "--account", "proj", "--memory-per-rank", "80GiB", "--mem", "64G", "--exclusive", "--constraint", "a100", "--qos", "high",
                     "--sbatch-arg=--reservation=maint", "--sbatch-arg=--mail-type=END",
                     "--setup", "module load cuda/12.4", "--setup", SETUP_WITH_QUOTES,
                     "training.global_batch_size=128", "model.config_overrides={hidden_dropout_prob: 0.0}")
     check_ok(result)
+    out = " ".join(result.stdout.split())
+    # auto chose from the compute nodes' GPU memory, which only the user can tell from a login node
+    assert "strategy: ddp (auto: the cheapest rung fits" in out and "memory per rank: 80.00 GiB (--memory-per-rank)" in out
     script = (tmp_path / "run" / "job.sbatch").read_text()
     assert script.count("--nodes=") == 1 and "#SBATCH --nodes=4" in script  # node count stated once
     assert "#SBATCH --gpus-per-node=8" in script and "${SLURM_GPUS_PER_NODE" in script
@@ -136,6 +139,8 @@ def test_container_option_renders_pyxis_srun(assets, isolated_env, tmp_path):
         (["--nodes", "2", "--gpus-per-node", "0", "--sbatch-arg=reservation"], "give an sbatch option"),
         (["--nodes", "2", "--gpus-per-node", "0", "--mem", "lots"], "use a Slurm memory size"),
         (["--nodes", "2", "--gpus-per-node", "0", "data.max_length=100000"], "data.max_length=100000 is longer than"),
+        (["--nodes", "1", "--gpus-per-node", "2"], "this machine cannot see for a Slurm job: pass --memory-per-rank"),
+        (["--nodes", "1", "--gpus-per-node", "2", "--memory-per-rank", "lots"], "--memory-per-rank 'lots': give a size"),
     ],
 )
 def test_bad_slurm_requests(assets, isolated_env, tmp_path, args, expected):

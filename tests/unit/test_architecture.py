@@ -22,7 +22,7 @@ LAYERS: list[tuple[str, tuple[str, ...]]] = [
     ("engine", ("launcher.engine", "launcher.engine.")),
     ("work", ("launcher.tasks.", "launcher.tasks", "launcher.data", "launcher.finetune", "launcher.model_io",
               "launcher.report", "launcher.card")),
-    ("recipe", ("launcher.recipe", "launcher.schema", "launcher.schema_doc", "launcher.plan", "launcher.sampling",
+    ("recipe", ("launcher.recipe", "launcher.schema", "launcher.schema_doc", "launcher.plan", "launcher.memory", "launcher.sampling",
                 "launcher.tracking")),
     ("leaves", ("launcher.errors", "launcher.paths", "launcher.files", "launcher.timing", "launcher.faults",
                 "launcher.metrics", "launcher.squad")),
