@@ -36,6 +36,10 @@ class ModelError(LauncherError):
     """The model path does not hold a loadable model/tokenizer."""
 
 
+
+class HubModelUnavailable(ModelError):
+    """A model, config or tokenizer named by a Hub id that this machine cannot fetch (offline, or no cache)."""
+
 class StopRequested(Exception):
     """All ranks agreed to stop at a step and wrote a checkpoint; the run can be resumed."""
 

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from .errors import LauncherError, ModelError
+from .errors import HubModelUnavailable, LauncherError, ModelError
 from .paths import PKG_SCHEME, resolve_path
 from .recipe import recipe_base_dir
 from .schema import Recipe
@@ -41,12 +41,12 @@ def load_error(key: str, location: str, exc: Exception, what: str) -> ModelError
     from huggingface_hub import constants
 
     if constants.HF_HUB_OFFLINE:
-        return ModelError(
+        return HubModelUnavailable(
             f"{key}: {location} is a Hugging Face Hub id and its {what} is not in the local Hugging Face cache, and "
             f"the Hub is switched off (HF_HUB_OFFLINE=1); download it once with network (hf download {location}) "
             f"or point {key} at a local directory"
         )
-    return ModelError(
+    return HubModelUnavailable(
         f"{key}: could not load {what} for {location} from the Hugging Face Hub ({first}); check the id and the "
         f"network, or point {key} at a local directory"
     )
