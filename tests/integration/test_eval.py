@@ -164,5 +164,14 @@ def test_exported_checkpoint_evaluates_on_any_split(assets, isolated_env, tmp_pa
         check_ok(run_launcher(["eval", str(train), "--checkpoint", str(tmp_path / "run" / "model"), "--split", split,
                                "--output", str(tmp_path / "eval")], isolated_env, nproc=2, accelerate_args=("--multi_gpu",)))
         metrics = read(tmp_path / "eval" / f"{split}.json")["metrics"]
-        assert metrics["accuracy"] == trained[split]["accuracy"]
+        for key in ("accuracy", "f1_macro", "per_class", "confusion_matrix", "num_examples"):
+            assert metrics[key] == trained[split][key], (split, key)
         assert metrics["loss"] == pytest.approx(trained[split]["loss"], rel=1e-5)
+    # example by example: the 2-rank evaluation of the export is the 1-process run's own evaluation
+    one = prediction_rows(tmp_path / "run" / "predictions" / "test.jsonl")
+    two = prediction_rows(tmp_path / "eval" / "test-predictions.jsonl")
+    assert [r["id"] for r in two] == [r["id"] for r in one] == list(range(53))
+    for a, b in zip(one, two):
+        assert (a["text"], a["label"], a["prediction"]) == (b["text"], b["label"], b["prediction"]), a["id"]
+        assert a["probabilities"] == pytest.approx(b["probabilities"], abs=2e-6), a["id"]
+    assert trained["test"]["accuracy"] > 0.8  # a trained model: its predictions tell the examples apart
