@@ -104,11 +104,12 @@ def test_two_rank_evaluation_equals_one_process_on_the_same_weights(split_runs, 
     run_dir = split_runs["4x1x2"]
     double = json.loads((run_dir / "metrics.json").read_text())
     for split, size in (("validation", 37), ("test", 53)):  # not divisible by world x batch
-        single, rows = evaluate_in_one_process(run_dir, split, tmp_path / "eval")
+        single, one_process_rows = evaluate_in_one_process(run_dir, split, tmp_path / "eval")
         assert single["num_examples"] == double[split]["num_examples"] == size
         for key in ("accuracy", "f1_macro", "precision_macro", "recall_macro", "per_class", "confusion_matrix"):
             assert single[key] == double[split][key], (split, key)
         assert single["loss"] == pytest.approx(double[split]["loss"], rel=1e-6)
+    rows = one_process_rows  # of the test split, the one the run writes predictions for
     two_rank_rows = [json.loads(x) for x in (run_dir / "predictions" / "test.jsonl").read_text().splitlines()]
     assert [r["id"] for r in two_rank_rows] == [r["id"] for r in rows] == list(range(53))
     for a, b in zip(two_rank_rows, rows):
