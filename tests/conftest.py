@@ -92,6 +92,10 @@ def run_launcher(args, env, nproc: int | None = None, accelerate_args=(), timeou
             "--mixed_precision", "no", "--dynamo_backend", "no", "--main_process_port", str(free_port()),
             *accelerate_args, "-m", "launcher", *args,
         ]
+    if Path(cwd) != REPO:
+        # `-m launcher` from another directory would import whichever launcher is installed (an editable
+        # install may point at another checkout): run this checkout's.
+        env = {**env, "PYTHONPATH": os.pathsep.join(filter(None, [str(REPO), env.get("PYTHONPATH")]))}
     return subprocess.run(cmd, env=env, cwd=cwd, capture_output=True, text=True, timeout=timeout)
 
 
