@@ -3,6 +3,9 @@
     LAUNCHER_FAULT=RANK:STEP                 that rank raises RuntimeError at that optimizer step
     LAUNCHER_FAULT=kill-in-checkpoint:STEP   rank 0 SIGKILLs itself while writing that step's
                                              checkpoint (after the files, before the rename)
+    LAUNCHER_FAULT=nan-loss:STEP             rank 0's training loss at that optimizer step is NaN
+                                             (and so are its gradients; under DDP, every rank's):
+                                             what training.on_nonfinite_loss handles
     LAUNCHER_TEST_STEP_DELAY=SECONDS         sleep that long in every optimizer step (to interrupt a
                                              tiny run at a step nobody chose)
 """
@@ -38,6 +41,12 @@ def raise_at_step(rank: int, step: int) -> None:
 def kill_in_checkpoint(step: int) -> None:
     if _spec() == f"kill-in-checkpoint:{step}":
         os.kill(os.getpid(), signal.SIGKILL)
+
+
+def nonfinite_loss(loss, rank: int, step: int):
+    if rank == 0 and _spec() == f"nan-loss:{step}":
+        return loss * float("nan")
+    return loss
 
 
 def step_delay() -> None:

@@ -319,6 +319,7 @@ class FineTuneRun:
             with sync:
                 outputs = model(**task.model_inputs(batch))
                 loss_sum = task.loss_sum(outputs, batch)
+                loss_sum = faults.nonfinite_loss(loss_sum, self.rank, state.step + 1)
                 if self.deepspeed:
                     model.set_gradient_accumulation_boundary(last)
                     # We normalize ourselves; DeepSpeed must not divide by grad_accum_steps again.

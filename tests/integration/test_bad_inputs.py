@@ -27,6 +27,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import shutil
 import subprocess
 from pathlib import Path
@@ -71,15 +72,26 @@ def describe_changes(before: dict | None, after: dict | None) -> str:
     return f"added {added[:10]}, removed {removed[:10]}, changed {changed[:10]}"
 
 
-def test_corpus_has_the_expected_shape():
-    assert len(CASES) >= 20
+RAN: dict[str, int | str] = {}  # case -> the launcher's exit code, filled as the cases run
+
+
+def test_every_folder_is_a_case_and_the_docs_count_them():
+    """Nothing in the corpus is left out: every entry besides the README and _shared is a case folder
+    with a recipe and an expected message, and the docs' counts are the corpus's."""
+    assert set(os.listdir(CORPUS)) - set(CASES) == {"README.md", "_shared"}
     for case in CASES:
         folder = CORPUS / case
+        assert folder.is_dir() and not folder.is_symlink(), f"{case}: not a folder"
         assert (folder / "recipe.yaml").is_file(), f"{case}: no recipe.yaml"
         assert (folder / "expected.txt").read_text().strip(), f"{case}: empty expected.txt"
         if (folder / "env.json").exists():
             env = json.loads((folder / "env.json").read_text())
             assert all(isinstance(v, str) for v in env.values()), f"{case}: env.json values must be strings"
+    repo = CORPUS.parents[1]
+    for doc, claim in (("README.md", r"a\s+corpus\s+of\s+(\d+)\s+broken"),
+                       ("docs/failure-and-resume.md", r"holds\s+(\d+)\s+such\s+cases")):
+        (count,) = re.findall(claim, (repo / doc).read_text())
+        assert int(count) == len(CASES), f"{doc} says {count} cases, the corpus has {len(CASES)}"
 
 
 @pytest.mark.parametrize("case", CASES)
@@ -123,6 +135,7 @@ def test_bad_input_is_refused_with_one_line_and_exit_2(case, assets, isolated_en
     except subprocess.TimeoutExpired as exc:
         returncode = "timeout"
         stderr = exc.stderr.decode(errors="replace") if isinstance(exc.stderr, bytes) else (exc.stderr or "")
+    RAN[case] = returncode
 
     problems = []
     if returncode != 2:
@@ -144,3 +157,13 @@ def test_bad_input_is_refused_with_one_line_and_exit_2(case, assets, isolated_en
         f"case {case}:\n  - " + "\n  - ".join(problems)
         + f"\nexpected in the error line: {expected}\nerror lines: {errors}\nSTDERR (tail):\n{stderr[-3000:]}"
     )
+
+
+def test_every_case_ran(request):
+    """Runs after the cases (pytest keeps file order): each case folder was run through the launcher
+    in this session - none returned early or went missing from the parametrization."""
+    selected = {item.callspec.params["case"] for item in request.session.items
+                if getattr(item, "originalname", None) == "test_bad_input_is_refused_with_one_line_and_exit_2"}
+    if selected != set(CASES):
+        pytest.skip(f"{len(selected)} of the {len(CASES)} cases were selected in this session")
+    assert sorted(RAN) == CASES, f"not run: {sorted(set(CASES) - set(RAN))}"
