@@ -198,8 +198,8 @@ def ensure_universal(accelerator, directory: Path, run_dir: Path) -> Path:
 
 
 def _run_ds_to_universal(source: Path, target: Path) -> None:
-    # DeepSpeed's own converter, in a child process: it prints progress bars, may fork worker pools,
-    # and holds every rank's shards in memory at once - none of which belongs in a training rank.
+    # DeepSpeed's own converter, in a child process: it prints progress bars, forks worker pools and
+    # reads every rank's shards - none of which belongs in a training rank's process.
     # --inject_missing_state: engines built without a universal_checkpoint_info attribute (every
     # Hugging Face model) do not record it, and the converter refuses checkpoints without it.
     command = [sys.executable, "-m", "deepspeed.checkpoint.ds_to_universal", "--input_folder", str(source),
