@@ -8,10 +8,17 @@ Layout under ``<run>/checkpoints/``:
     best-step-00000100/     the best validation weights so far (save_pretrained, loadable on their own);
                             the one the newest checkpoint refers to is kept until a newer checkpoint
                             refers to a newer one, so a resume always finds its best weights
+    step-00000120.universal/  DeepSpeed's universal form of step-00000120 (ZeRO state merged out of its
+                            rank partitions), made by the first resume on another world size; pruned with it
 
 Writing: all ranks save into ``.partial-<name>``; rank 0 adds trainer_state.json, fsyncs, renames
 the directory into place, then rewrites ``latest``. A process killed at any point leaves the previous
 checkpoint and ``latest`` intact.
+
+Another world size: DDP and ZeRO-0 state is whole and loads anywhere. ZeRO-1/2/3 state is partitioned
+over the ranks that wrote it, so the first resume on another world size has DeepSpeed's ``ds_to_universal``
+convert it (rank 0, into ``.partial-<name>.universal``, renamed when complete; the checkpoint itself is
+only read) and loads that with DeepSpeed's ``load_universal``.
 """
 
 from __future__ import annotations
@@ -20,15 +27,24 @@ import json
 import os
 import re
 import shutil
+import subprocess
+import sys
+from contextlib import contextmanager
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
+
+import torch
 
 from .. import faults
 from ..errors import LauncherError
 from ..files import write_json_atomic, write_text_atomic
+from ..plan import DEEPSPEED_STAGES
 
 STATE_FILE = "trainer_state.json"
 _STEP_DIR = re.compile(r"^step-(\d+)$")
+UNIVERSAL_SUFFIX = ".universal"
+DEEPSPEED_TAG = "pytorch_model"  # the tag accelerate's save_state/load_state give DeepSpeed's checkpoint
+CONVERTED_FROM = "converted_from.json"
 
 
 @dataclass
@@ -141,15 +157,115 @@ def _prune(root: Path, keep_last: int) -> None:
     steps = sorted((d for d in root.iterdir() if _STEP_DIR.match(d.name)), key=lambda d: int(_STEP_DIR.match(d.name).group(1)))
     for old in steps[:-keep_last]:
         shutil.rmtree(old, ignore_errors=True)
+    for universal in root.glob(f"step-*{UNIVERSAL_SUFFIX}"):
+        if not (root / universal.name.removesuffix(UNIVERSAL_SUFFIX)).is_dir():
+            shutil.rmtree(universal, ignore_errors=True)
 
 
-def load_checkpoint(accelerator, directory: Path) -> TrainerState:
-    accelerator.load_state(str(directory), load_kwargs={"weights_only": True})
-    return TrainerState.read(directory)
+def needs_universal(state: TrainerState, world_size: int) -> bool:
+    """A ZeRO-1/2/3 checkpoint partitioned over another number of ranks than this run has."""
+    return state.world_size != world_size and DEEPSPEED_STAGES.get(state.strategy, 0) >= 1
+
+
+def universal_dir(directory: Path, run_dir: Path) -> Path:
+    """Where the universal form of ``directory`` lives: next to it when it is one of this run's
+    checkpoints, else in this run's checkpoints (a checkpoint named by path may be read-only)."""
+    return checkpoints_root(run_dir) / f"{directory.name}{UNIVERSAL_SUFFIX}"
+
+
+def _converted_from(directory: Path) -> dict:
+    return {"checkpoint": str(directory.resolve()), "trainer_state": json.loads((directory / STATE_FILE).read_text())}
+
+
+def ensure_universal(accelerator, directory: Path, run_dir: Path) -> Path:
+    """Collective. DeepSpeed's universal checkpoint of the ZeRO checkpoint ``directory``: converted by
+    rank 0 (the other ranks wait) unless a complete conversion of this very checkpoint exists; the
+    original is only read. Returns a directory ``accelerator.load_state`` reads like a checkpoint."""
+    target = universal_dir(directory, run_dir)
+    if accelerator.is_main_process:
+        marker = target / CONVERTED_FROM
+        if not (marker.is_file() and json.loads(marker.read_text()) == _converted_from(directory)):
+            partial = target.with_name(f".partial-{target.name}")
+            shutil.rmtree(partial, ignore_errors=True)
+            partial.mkdir(parents=True)
+            _run_ds_to_universal(directory / DEEPSPEED_TAG, partial / DEEPSPEED_TAG)
+            write_json_atomic(partial / CONVERTED_FROM, _converted_from(directory))
+            _fsync_tree(partial)
+            shutil.rmtree(target, ignore_errors=True)  # a conversion of another checkpoint of that name
+            os.replace(partial, target)
+    accelerator.wait_for_everyone()
+    return target
+
+
+def _run_ds_to_universal(source: Path, target: Path) -> None:
+    # DeepSpeed's own converter, in a child process: it prints progress bars, forks worker pools and
+    # reads every rank's shards - none of which belongs in a training rank's process.
+    # --inject_missing_state: engines built without a universal_checkpoint_info attribute (every
+    # Hugging Face model) do not record it, and the converter refuses checkpoints without it.
+    command = [sys.executable, "-m", "deepspeed.checkpoint.ds_to_universal", "--input_folder", str(source),
+               "--output_folder", str(target), "--inject_missing_state"]
+    result = subprocess.run(command, capture_output=True, text=True)
+    if result.returncode != 0:
+        raise RuntimeError(
+            f"DeepSpeed's ds_to_universal could not convert {source} (exit {result.returncode}):\n"
+            f"{(result.stdout + result.stderr)[-4000:]}"
+        )
+
+
+@contextmanager
+def _loading_universal(engine):
+    """DeepSpeed takes ``checkpoint.load_universal`` from the config its engine was built with
+    (accelerator.prepare), before the run knows where it resumes from. The flag only steers
+    loading, so it is set for this one load instead of in the generated config."""
+    config = engine._config
+    before = config.load_universal_checkpoint
+    config.load_universal_checkpoint = True
+    try:
+        yield
+    finally:
+        config.load_universal_checkpoint = before
+
+
+def load_checkpoint(accelerator, directory: Path, run_dir: Path, engine=None) -> TrainerState:
+    """Collective. Restore model, optimizer and RNG from ``directory``; return its trainer state.
+
+    On another world size than the checkpoint's: a ZeRO-1/2/3 checkpoint is loaded through its
+    universal form (``engine`` is the DeepSpeed engine), and every rank r restores the RNG states
+    rank ``r mod saved_world_size`` saved - the streams a fresh run of this layout would not have, but
+    the launcher seeds every rank alike anyway (one seed, no per-rank offset), so ranks sharing a
+    stream is how every run starts. Dropout masks are drawn per rank, so with dropout on a resume on
+    another world size continues statistically, not bitwise, like the uninterrupted run; with
+    dropout off it continues exactly.
+    """
+    saved = TrainerState.read(directory)
+    rank, world_size = accelerator.process_index, accelerator.num_processes
+    if needs_universal(saved, world_size):
+        universal = ensure_universal(accelerator, directory, run_dir)
+        weight_decay = [group["weight_decay"] for group in engine.optimizer.param_groups]
+        with _loading_universal(engine):
+            accelerator.load_state(str(universal), load_kwargs={"weights_only": True})
+        # Two quirks of DeepSpeed's ZeRO-3 universal load (0.19), both silent: every parameter group
+        # gets the first group's settings - of ours only weight decay differs (off for biases and
+        # norms) - and every group's Adam state gets the same `step` tensor, which torch's Adam/AdamW
+        # then advance in place once per group per step (wrong bias correction from the next step on).
+        for group, decay in zip(engine.optimizer.param_groups, weight_decay):
+            group["weight_decay"] = decay
+        for state in engine.optimizer.state.values():
+            if isinstance(state.get("step"), torch.Tensor):
+                state["step"] = state["step"].clone()
+    else:
+        accelerator.load_state(str(directory), load_kwargs={"weights_only": True})
+    if saved.world_size != world_size:
+        from accelerate.checkpointing import load_accelerator_state
+
+        # With no models, optimizers, schedulers or data loaders this restores only the RNG states.
+        load_accelerator_state(str(directory), [], [], [], [], process_index=rank % saved.world_size)
+    return saved
 
 
 def check_resumable(state: TrainerState, strategy: str, world_size: int, global_batch_size: int, directory: Path) -> None:
-    """Refuse a resume that cannot continue exactly, saying how to proceed."""
+    """Refuse a resume that cannot continue exactly, saying how to proceed. Any world size can continue
+    a checkpoint (``load_checkpoint``); the global batch is what fixes the data position."""
     if state.global_batch_size != global_batch_size:
         raise LauncherError(
             f"checkpoint.resume: {directory} was written with global batch {state.global_batch_size}, this run has "
@@ -160,11 +276,4 @@ def check_resumable(state: TrainerState, strategy: str, world_size: int, global_
         raise LauncherError(
             f"checkpoint.resume: {directory} was written under {state.strategy}, this run uses {strategy}; "
             f"resume with distributed.strategy={state.strategy}"
-        )
-    if state.world_size != world_size and strategy.startswith("zero"):
-        raise LauncherError(
-            f"checkpoint.resume: {directory} holds DeepSpeed ZeRO state partitioned over {state.world_size} ranks, "
-            f"this run has {world_size}. Resume with {state.world_size} processes. (DDP checkpoints hold full state "
-            f"and resume at any world size; for ZeRO, DeepSpeed's `ds_to_universal --inject_missing_state` converts "
-            f"the shards to a universal checkpoint, which this launcher does not load yet.)"
         )

@@ -37,9 +37,11 @@ from .checkpoint import (
     check_resumable,
     latest_checkpoint,
     load_checkpoint,
+    needs_universal,
     prune_best,
     remove_partials,
     save_checkpoint,
+    universal_dir,
 )
 from .evaluate import predict, to_device
 from .log import RankLog
@@ -197,7 +199,13 @@ class FineTuneRun:
     def _resume(self, directory) -> None:
         saved = TrainerState.read(directory)
         check_resumable(saved, str(self.topology.strategy), self.world_size, self.topology.batch.global_batch_size, directory)
-        self.state = load_checkpoint(self.accelerator, directory)
+        if saved.world_size != self.world_size:
+            how = (f"ZeRO state through its universal form {universal_dir(directory, self.out_dir)} (converted "
+                   f"on first use, the checkpoint kept as it is)" if needs_universal(saved, self.world_size)
+                   else "full state")
+            self.log.info(f"the checkpoint was written by {saved.world_size} process(es), this run has "
+                          f"{self.world_size}: loading {how}; same global batch {saved.global_batch_size}")
+        self.state = load_checkpoint(self.accelerator, directory, self.out_dir, engine=self.model if self.deepspeed else None)
         self.scheduler.load_state_dict(self.state.scheduler)
         if self.accelerator.is_main_process:
             # Best weights saved after this checkpoint belong to the lost attempt.
