@@ -79,6 +79,14 @@ def build_parser() -> argparse.ArgumentParser:
     check = sub.add_parser("check", help="validate a recipe and print it fully resolved")
     _add_recipe_args(check)
 
+    report = sub.add_parser(
+        "report", help="write RUN/report/index.html: training curves, validation metrics, per-class results, "
+        "sample predictions, recipe, plan, versions (several runs: overlaid and compared)",
+    )
+    report.add_argument("runs", nargs="+", type=Path, metavar="RUN", help="run directories (output.dir of a run)")
+    report.add_argument("--output", type=Path, help="directory for index.html (default: RUN/report; several runs: "
+                        "their common parent/report)")
+
     sub.add_parser("schema", help="print the recipe reference (every field, generated from the schema)")
     return parser
 
@@ -161,6 +169,13 @@ def cmd_check(args) -> int:
     return EXIT_OK
 
 
+def cmd_report(args) -> int:
+    from .report import write_report
+
+    print(f"report: {write_report(args.runs, args.output)}")
+    return EXIT_OK
+
+
 def cmd_schema(args) -> int:
     from .schema_doc import recipe_reference
 
@@ -169,7 +184,7 @@ def cmd_schema(args) -> int:
 
 
 COMMANDS = {"train": cmd_train, "eval": cmd_eval, "run": cmd_run, "debug": cmd_debug, "slurm": cmd_slurm, "check": cmd_check,
-            "schema": cmd_schema}
+            "schema": cmd_schema, "report": cmd_report}
 
 
 def _rank_prefix() -> str:

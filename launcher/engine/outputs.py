@@ -28,7 +28,7 @@ from ..paths import resolve_path
 
 # Files a previous run may have left; removed when output.overwrite=true so nothing stale mixes in.
 RUN_ARTIFACTS = ("recipe.yaml", "deepspeed_config.json", "metrics.jsonl", "metrics.json", "predictions", "model",
-                 "checkpoints", "status.json", "STOP")
+                 "checkpoints", "status.json", "STOP", "report", "tensorboard", "mlflow.db", "wandb")
 
 
 def output_dir_for(recipe) -> Path:
@@ -56,6 +56,7 @@ def check_writable(path: Path) -> None:
 RESUME_MAY_CHANGE = {
     "output.overwrite", "checkpoint.resume", "checkpoint.every_steps", "checkpoint.every_epoch",
     "checkpoint.keep_last", "distributed.timeout_minutes", "training.log_every",
+    "output.report", "output.push_to_hub", "output.hub_repo_id", "output.hub_private",
 }
 
 

@@ -29,6 +29,7 @@ from ..plan import is_deepspeed, total_optimizer_steps
 from ..recipe import Recipe, recipe_to_yaml
 from ..sampling import rank_micro_batches, steps_per_epoch
 from ..tasks import TASKS
+from ..tracking import accelerator_kwargs, check_trackers, start_tracking
 from .checkpoint import (
     TrainerState,
     best_dir,
@@ -41,7 +42,14 @@ from .checkpoint import (
 )
 from .evaluate import predict, to_device
 from .log import RankLog, format_seconds
-from .outputs import decide_start, prepare_output_dir, write_json_atomic, write_jsonl_atomic, write_text_atomic
+from .outputs import (
+    decide_start,
+    output_dir_for,
+    prepare_output_dir,
+    write_json_atomic,
+    write_jsonl_atomic,
+    write_text_atomic,
+)
 from .setup import build_accelerator, plan_topology
 from .weights import (
     count_parameters,
@@ -93,7 +101,9 @@ class FineTuneRun:
     def setup(self) -> None:
         recipe = self.recipe
         self.topology = plan_topology(recipe)
-        self.accelerator = accelerator = build_accelerator(recipe, self.topology)
+        check_trackers(recipe)
+        self.accelerator = accelerator = build_accelerator(recipe, self.topology,
+                                                           accelerator_kwargs(recipe, output_dir_for(recipe)))
         self.rank, self.world_size = accelerator.process_index, accelerator.num_processes
         self.log = log = RankLog(self.rank, self.world_size)
         _quiet_libraries(accelerator.is_main_process)
@@ -106,7 +116,7 @@ class FineTuneRun:
         self.start = decide_start(recipe)
         self.out_dir = self.start.run_dir
         self.tokenizer = load_tokenizer(recipe)
-        self.data = prepare_data(recipe, task, self.tokenizer, accelerator.local_main_process_first)
+        self.data = prepare_data(recipe, task, self.tokenizer, accelerator.local_main_process_first, log.progress)
         batch = self.topology.batch
         self.train_features = self.data.features["train"]
         self.steps_per_epoch = steps_per_epoch(len(self.train_features), batch)
@@ -162,6 +172,8 @@ class FineTuneRun:
             self._resume(self.start.resume_from)
         elif self.start.note:
             log.info(self.start.note)
+        resumed_step = self.state.step if self.start.resume_from is not None else None
+        log.tracker = start_tracking(accelerator, recipe, self.out_dir, resumed_step, self.state.trackers)
         self._announce(warmup)
 
     def _resume(self, directory) -> None:
@@ -213,12 +225,14 @@ class FineTuneRun:
         log.info(f"parameters: {trainable:,} trainable of {total:,} ({100 * trainable / max(total, 1):.2f}%; "
                  f"finetune.method {self.recipe.finetune.method})")
         if self.start.resume_from is None:
+            from ..versions import library_versions
+
             log.event({"event": "start", "world_size": self.world_size, "strategy": self.topology.strategy,
                        **batch.as_dict(), "total_steps": self.total_steps, "steps_per_epoch": self.steps_per_epoch,
                        "trainable_parameters": trainable, "parameters": total,
                        "trainable_share": trainable / max(total, 1), "finetune_method": self.recipe.finetune.method,
                        "examples": {k: len(v) for k, v in data.features.items()}, "dropped": data.dropped,
-                       "truncated": data.truncated})
+                       "truncated": data.truncated, "versions": library_versions()})
         self._write_status("running")
 
     def _write_status(self, state: str, **extra) -> None:
@@ -237,6 +251,7 @@ class FineTuneRun:
         self.window = _LossWindow()
         start = time.perf_counter()
         steps_at_start = state.step
+        self._bar = self.log.progress.start("training", total=self.total_steps, completed=state.step)
         while state.step < self.total_steps and not self._early_stopped():
             batches = rank_micro_batches(len(self.train_features), self.topology.batch, self.rank,
                                          training.seed, state.epoch, start_step=state.step_in_epoch, lengths=lengths)
@@ -246,6 +261,7 @@ class FineTuneRun:
                     self._stop()
                 state.step += 1
                 state.step_in_epoch += 1
+                self._bar.advance()
                 if state.step == steps_at_start + 1:
                     self._first_step_done(time.perf_counter() - start)
                 if state.step % training.log_every == 0 or state.step == self.total_steps:
@@ -266,6 +282,7 @@ class FineTuneRun:
                     self.checkpoint()
                 continue
             break
+        self._bar.done()
         if has_validation and state.last_validation_step != state.step:
             self.validate()
         self.train_seconds = time.perf_counter() - start
@@ -412,6 +429,7 @@ class FineTuneRun:
         eta = (self.total_steps - step) * (elapsed / max(steps_done, 1))
         grad_norm = float(grad_norm) if grad_norm is not None else float("nan")
         epoch = step / self.steps_per_epoch
+        self._bar.update(f"loss {loss:.4f}  {rate:.1f} samples/s")
         self.log.info(
             f"step {step}/{self.total_steps} | epoch {epoch:.2f} | loss {loss:.4f} | lr {lr:.3e} | "
             f"grad_norm {grad_norm:.3f} | {rate:.1f} samples/s | eta {format_seconds(eta)}"
@@ -425,7 +443,9 @@ class FineTuneRun:
     def checkpoint(self):
         self._flush_losses()  # never checkpoint weights that a non-finite loss already spoiled
         self.state.scheduler = self.scheduler.state_dict()
-        directory = save_checkpoint(self.accelerator, self.out_dir, self.state, self.recipe.checkpoint.keep_last)
+        self.state.trackers = self.log.tracker.identity()  # a resume continues the same tracker runs
+        with self.log.progress.task(f"writing checkpoint step {self.state.step}"):
+            directory = save_checkpoint(self.accelerator, self.out_dir, self.state, self.recipe.checkpoint.keep_last)
         self.log.info(f"checkpoint: {directory}")
         self.log.event({"event": "checkpoint", "step": self.state.step, "path": str(directory)})
         return directory
@@ -451,7 +471,7 @@ class FineTuneRun:
     def evaluate(self, split: str) -> tuple[dict | None, list | None]:
         """Metrics (main process) and records for one split; all ranks must call it."""
         records = predict(self.model, self.data.features[split], self.task, self.tokenizer, self.accelerator,
-                          self._eval_batch_size())
+                          self._eval_batch_size(), progress=self.log.progress, description=f"evaluating {split}")
         metrics = self.task.compute_metrics(records) if records is not None else None
         return metrics, records
 
@@ -482,8 +502,9 @@ class FineTuneRun:
                 state.best = {"metric": evaluation.best_metric, "value": metrics[evaluation.best_metric],
                               "step": state.step, "metrics": _scalars(metrics)}
             state.best = broadcast_object_list([state.best])[0] if self.world_size > 1 else state.best
-            export_pretrained(self.accelerator, self.model, self.tokenizer, best_dir(self.out_dir, state.step),
-                              self.recipe, self.task)
+            with self.log.progress.task(f"saving the best weights (step {state.step})"):
+                export_pretrained(self.accelerator, self.model, self.tokenizer, best_dir(self.out_dir, state.step),
+                                  self.recipe, self.task, card=self._card_facts(state.step, {"validation": metrics}))
             if self.accelerator.is_main_process:
                 prune_best(self.out_dir, keep_steps={state.step, *self._checkpointed_best_steps()})
             state.evals_without_improvement = 0
@@ -518,14 +539,20 @@ class FineTuneRun:
                 if self.recipe.output.save_predictions:
                     rows = self.task.prediction_rows(records, self.data.raw["test"])
                     write_jsonl_atomic(out / "predictions" / "test.jsonl", rows)
+        weights_step = state.best["step"] if state.best else state.step
+        final_metrics = {"validation": results["validation"], "test": results["test"]}
         if self.recipe.output.export_model:
-            export_pretrained(accelerator, self.model, self.tokenizer, out / "model", self.recipe, self.task)
+            with log.progress.task("exporting the model"):
+                export_pretrained(accelerator, self.model, self.tokenizer, out / "model", self.recipe, self.task,
+                                  card=self._card_facts(weights_step, final_metrics))
             if self.recipe.finetune.merge_on_export and accelerator.is_main_process:
+                from .. import model_card
                 from ..finetune import export_merged
                 from .outputs import replace_dir_atomic
 
                 staging = out / f".model-merged.partial-{os.getpid()}"
                 export_merged(out / "model", staging)
+                model_card.write(staging, self._card_facts(weights_step, final_metrics, merged=True), out / "model-merged")
                 replace_dir_atomic(staging, out / "model-merged")
         if accelerator.is_main_process:
             results["train"] = {"steps": state.step, "epochs": round(state.step / self.steps_per_epoch, 4),
@@ -541,8 +568,58 @@ class FineTuneRun:
                 log.info(f"model: {out / 'model'}")
             log.info(f"metrics: {out / 'metrics.json'}")
         self._write_status("finished")
+        if accelerator.is_main_process and self.recipe.output.report:
+            self._write_report()
         accelerator.wait_for_everyone()
+        if accelerator.is_main_process and self.recipe.output.push_to_hub:
+            self._push_to_hub(self._card_facts(weights_step, final_metrics))
         return results if accelerator.is_main_process else None
+
+    def _card_facts(self, step: int, metrics: dict, merged: bool = False):
+        """What the model card of an export of the weights of ``step`` says (main process; else None)."""
+        if not self.accelerator.is_main_process:
+            return None
+        from ..model_card import CardFacts
+        from ..versions import library_versions
+
+        data, recipe = self.data, self.recipe
+        sizes = {split: {"source": data.sources.get(split, ""), "rows": len(data.raw[split]),
+                         "features": len(data.features[split])} for split in data.features}
+        example_split = next(s for s in ("test", "validation", "train") if s in data.raw)
+        row = data.raw[example_split][0]
+        plan = {"world_size": self.world_size, "strategy": self.topology.strategy, **self.topology.batch.as_dict(),
+                "total_steps": self.total_steps}
+        best = {k: v for k, v in self.state.best.items() if k != "metrics"} if self.state.best else None
+        return CardFacts(recipe=recipe, auto_model_class=self.task.auto_model_class,
+                         model_config=self.task.model_config_kwargs(), data=sizes, plan=plan, step=step,
+                         metrics={k: _scalars(v) for k, v in metrics.items() if v}, best=best,
+                         versions=library_versions(), example=row.get(recipe.data.text_column), merged=merged)
+
+    def _write_report(self) -> None:
+        from ..report import write_report
+
+        try:
+            with self.log.progress.task("writing the report"):
+                path = write_report([self.out_dir])
+        except Exception as exc:  # noqa: BLE001 - the run's results are safe; the report can be rebuilt
+            self.log.rank_warning(f"could not write the report ({type(exc).__name__}: {exc}); "
+                                  f"retry with: launcher report {self.out_dir}")
+            return
+        self.log.info(f"report: {path}")
+
+    def _push_to_hub(self, facts) -> None:
+        from ..model_card import push_to_hub
+
+        output, model_dir = self.recipe.output, self.out_dir / "model"
+        try:
+            url = push_to_hub(model_dir, self.out_dir / "metrics.json", output.hub_repo_id, output.hub_private, facts)
+        except Exception as exc:  # noqa: BLE001 - offline, no token, no permission: all end the same way
+            first = (str(exc).strip().splitlines() or [type(exc).__name__])[0]
+            raise TrainingError(
+                f"output.push_to_hub: upload to {output.hub_repo_id} failed ({type(exc).__name__}: {first}); the local "
+                f"export {model_dir} is complete; upload it later with: hf upload {output.hub_repo_id} {model_dir}"
+            ) from None
+        self.log.info(f"pushed to the Hub: {url}")
 
     def close(self) -> None:
         accelerator = getattr(self, "accelerator", None)
@@ -551,7 +628,8 @@ class FineTuneRun:
 
             # The model (DDP reducer / DeepSpeed engine) and the control group hold the process groups.
             self.model = self.optimizer = self.scheduler = self._gloo_group = None
-            shutdown_distributed(accelerator)
+            self.log.progress.close()
+            shutdown_distributed(accelerator)  # (also finishes the trackers: accelerator.end_training)
 
 
 class _LossWindow:

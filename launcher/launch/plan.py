@@ -33,6 +33,7 @@ from ..plan import (
     total_optimizer_steps,
 )
 from ..recipe import Recipe, load_recipe
+from ..tracking import check_trackers
 
 PRECISION_TO_ACCELERATE = {"fp32": "no", "bf16": "bf16", "fp16": "fp16"}
 
@@ -210,6 +211,7 @@ def build_plan(recipe_path: str | Path, overrides: list[str], request: LaunchReq
     if request.strategy:
         overrides.append(f"distributed.strategy={request.strategy}")
     recipe = load_recipe(recipe_path, overrides)
+    check_trackers(recipe)
     device, gpus = detect_device()
 
     user_config = None
