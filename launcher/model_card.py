@@ -62,6 +62,8 @@ def load_snippet(facts: CardFacts, location: str) -> str:
     recipe = facts.recipe
     method = "full" if facts.merged else recipe.finetune.method
     example = _example(facts.example)
+    if recipe.generation is not None and isinstance(example, str):
+        example = recipe.generation.source_prefix + example  # what the model was trained to read
     pipeline_task = PIPELINES.get(facts.auto_model_class)
     if method in ("full", "bitfit") and pipeline_task:
         extra = ", max_new_tokens=32" if pipeline_task == "text-generation" else ""
@@ -92,14 +94,23 @@ def load_snippet(facts: CardFacts, location: str) -> str:
             f"model, tokenizer = load_exported({location!r})\n" + _run_once(facts, example))
 
 
+def _generate_kwargs(recipe: Recipe) -> str:
+    """Decoding as the run's evaluation did it (generation.*), else greedy up to 32 tokens."""
+    generation = recipe.generation
+    if generation is None:
+        return "max_new_tokens=32"
+    return f"max_new_tokens={generation.max_new_tokens}, num_beams={generation.num_beams}"
+
+
 def _run_once(facts: CardFacts, example) -> str:
     if facts.auto_model_class in ("AutoModelForSeq2SeqLM", "AutoModelForCausalLM"):
+        generate = _generate_kwargs(facts.recipe)
         if isinstance(example, list):
             return (f"inputs = tokenizer.apply_chat_template({example!r}, add_generation_prompt=True, "
                     f"return_tensors='pt', return_dict=True)\n"
-                    f"print(tokenizer.decode(model.generate(**inputs, max_new_tokens=32)[0], skip_special_tokens=True))\n")
+                    f"print(tokenizer.decode(model.generate(**inputs, {generate})[0], skip_special_tokens=True))\n")
         return (f"inputs = tokenizer([{example!r}], return_tensors='pt')\n"
-                f"print(tokenizer.batch_decode(model.generate(**inputs, max_new_tokens=32), skip_special_tokens=True))\n")
+                f"print(tokenizer.batch_decode(model.generate(**inputs, {generate}), skip_special_tokens=True))\n")
     if facts.auto_model_class == "AutoModelForQuestionAnswering":
         return ("inputs = tokenizer('What is it?', 'It is an example.', return_tensors='pt')\n"
                 "print(model(**inputs).start_logits.argmax(-1), model(**inputs).end_logits.argmax(-1))\n")
