@@ -24,7 +24,7 @@ import sys
 import uuid
 from pathlib import Path
 
-from .errors import LauncherError
+from .errors import LauncherError, TrainingError
 from .recipe import Recipe
 
 # recipe name -> the Python package it needs (checked before any work starts)
@@ -129,7 +129,14 @@ class AccelerateTrackers(Tracker):
 
             uri = tracking.mlflow_tracking_uri or os.environ.get("MLFLOW_TRACKING_URI") or f"sqlite:///{self.run_dir / 'mlflow.db'}"
             mlflow.set_tracking_uri(uri)
-        self.accelerator.init_trackers(project_name(self.recipe), init_kwargs=self._init_kwargs())
+        try:
+            self.accelerator.init_trackers(project_name(self.recipe), init_kwargs=self._init_kwargs())
+        except Exception as exc:  # noqa: BLE001 - a server that is not there, a bad option: say so in one line
+            first = (str(exc).strip().splitlines() or [type(exc).__name__])[0]
+            raise TrainingError(
+                f"tracking: could not start {', '.join(tracking.report_to)} ({type(exc).__name__}: {first[:300]}); "
+                f"check tracking.mlflow_tracking_uri / tracking.options, or remove the tracker from tracking.report_to"
+            ) from None
         for tracker in self.accelerator.trackers:
             if tracker.name == "tensorboard":
                 self._identity["tensorboard"] = {"logging_dir": tracker.logging_dir}

@@ -373,3 +373,16 @@ def test_a_tracker_that_is_not_installed_is_one_line_before_any_work(assets, iso
             "error: tracking.report_to: mlflow is not installed; pip install mlflow, or remove it from "
             "tracking.report_to (now ['tensorboard', 'mlflow'])"]
         assert "Traceback" not in result.stderr and not (tmp_path / "run").exists()
+
+
+def test_a_tracking_server_that_is_not_there_is_one_line(assets, isolated_env, tmp_path):
+    nobody = f"http://127.0.0.1:{free_port()}"  # nothing listens there
+    path = write_recipe(tmp_path / "recipe.yaml", toy_recipe_dict(
+        assets, tmp_path / "run", tracking={"report_to": ["mlflow"], "mlflow_tracking_uri": nobody}))
+    result = run_launcher(["train", str(path)], dict(isolated_env, MLFLOW_HTTP_REQUEST_MAX_RETRIES="0"))
+    assert result.returncode == 1
+    errors = [line for line in result.stderr.splitlines() if line.startswith("error:")]
+    assert len(errors) == 1 and "Traceback" not in result.stderr, result.stderr[-3000:]
+    assert errors[0].startswith("error: tracking: could not start mlflow (") and "127.0.0.1" in errors[0]
+    assert "remove the tracker from tracking.report_to" in errors[0]
+    assert not (tmp_path / "run" / "checkpoints").exists()  # stopped before any training
