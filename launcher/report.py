@@ -266,9 +266,9 @@ def _summary_cards(run: RunData) -> str:
     split = "test" if _scalars((run.metrics or {}).get("test")) else "validation"
     headline = next((k for k in ("accuracy", "f1_macro", "f1", "exact_match", "bleu", "rougeL", "perplexity")
                      if k in final), None)
-    cards = [("status", f"{status.get('state', '?')} at step {status.get('step', '?')} of {status.get('total_steps', '?')}"),
+    cards = [("status", f"{status.get('state', '?')}, step {status.get('step', '?')} of {status.get('total_steps', '?')}"),
              ("task", f"{(run.recipe or {}).get('task', '?')} · {start.get('finetune_method', '?')}"),
-             ("world", f"{start.get('world_size', '?')} × {start.get('strategy', '?')}")]
+             ("ranks × strategy", f"{start.get('world_size', '?')} × {start.get('strategy', '?')}")]
     if headline:
         cards.append((f"{split} {headline}", _fmt(final[headline])))
     if run.best:
@@ -359,9 +359,9 @@ body{font-family:system-ui,-apple-system,'Segoe UI',Roboto,'DejaVu Sans',sans-se
 main{max-width:1120px;margin:0 auto;padding:24px 28px 48px}
 h1{font-size:24px;margin:4px 0 2px}h2{font-size:17px;margin:28px 0 10px;padding-top:8px;border-top:1px solid #e5e7eb}
 .sub{color:#6b7280;font-size:13px;margin-bottom:14px}
-.cards{display:flex;gap:12px;flex-wrap:wrap;margin:14px 0}
-.card{background:#fff;border:1px solid #e5e7eb;border-radius:10px;padding:10px 14px;min-width:150px}
-.card .k{font-size:11px;text-transform:uppercase;letter-spacing:.04em;color:#6b7280}.card .v{font-size:17px;font-weight:600;margin-top:2px}
+.cards{display:flex;gap:10px;flex-wrap:wrap;margin:14px 0}
+.card{background:#fff;border:1px solid #e5e7eb;border-radius:10px;padding:9px 12px;min-width:110px}
+.card .k{font-size:11px;text-transform:uppercase;letter-spacing:.04em;color:#6b7280}.card .v{font-size:16px;font-weight:600;margin-top:2px}
 img{max-width:100%;background:#fff;border:1px solid #e5e7eb;border-radius:10px}
 table{border-collapse:collapse;background:#fff;font-size:13px;margin:6px 0;border:1px solid #e5e7eb}
 th,td{padding:5px 10px;border-bottom:1px solid #eef0f3;text-align:left;vertical-align:top}
