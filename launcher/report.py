@@ -92,11 +92,16 @@ def load_run(path: Path) -> RunData:
 # ---- plots -----------------------------------------------------------------------------------------
 
 
-def _figure(rows: int, cols: int, width: float = 11.0, height_per_row: float = 2.9):
+def _figure(rows: int, cols: int, width: float = 11.0, height_per_row: float = 2.9, left: float = 0.6):
+    """A grid of axes with fixed margins (in inches). matplotlib's constrained layout would place them
+    for us, at twice the drawing time - which every training run pays when it writes its report."""
     from matplotlib.figure import Figure
 
-    figure = Figure(figsize=(width, height_per_row * rows), dpi=100, layout="constrained")
+    height = height_per_row * rows
+    figure = Figure(figsize=(width, height), dpi=100)
     axes = figure.subplots(rows, cols, squeeze=False)
+    figure.subplots_adjust(left=left / width, right=1 - 0.15 / width, top=1 - 0.3 / height, bottom=0.45 / height,
+                           wspace=0.25, hspace=0.85 / (height_per_row - 0.85))
     return figure, axes
 
 
@@ -200,7 +205,7 @@ def confusion_figure(matrix: list[list[int]], labels: list[str], title: str) -> 
 
     values = np.asarray(matrix)
     size = max(3.2, 0.55 * len(labels) + 2.2)
-    figure, axes = _figure(1, 1, width=size + 1.0, height_per_row=size)
+    figure, axes = _figure(1, 1, width=size + 1.4, height_per_row=size, left=1.1)
     ax = axes[0, 0]
     image = ax.imshow(values, cmap="Blues")
     figure.colorbar(image, ax=ax, shrink=0.8)

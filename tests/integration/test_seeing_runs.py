@@ -80,6 +80,7 @@ def tracked(tmp_path_factory, assets, isolated_env, mlflow_server):
                   "learning_rate": 3e-3, "warmup_steps": 4},
         evaluation={"every_steps": 10, "best_metric": "f1_macro"},
         checkpoint={"every_steps": 10},
+        output={"report": True},
         tracking={"report_to": ["tensorboard", "mlflow", "wandb"], "project": "seeing-runs",
                   "mlflow_tracking_uri": mlflow_server, "options": {"wandb": {"mode": "offline"}}},
     )
@@ -208,6 +209,7 @@ def terminal_run(tmp_path_factory, assets, isolated_env):
         training={"max_steps": 30, "log_every": 10},
         evaluation={"every_steps": 15},
         checkpoint={"every_steps": 15},
+        output={"report": True},
         tracking={"report_to": []},
     )
     env = dict(isolated_env, TERM="xterm-256color", COLUMNS="120", LINES="40")
