@@ -21,6 +21,7 @@ from .launch.slurm import SlurmRequest, check_request, sbatch_path, submit, writ
 from .launch.sweep import make_sweep, parse_grid_args, read_sweep_file, run_local, run_slurm
 from .launch.sweep_summary import markdown_table, summarize, write_summary
 from .recipe import load_recipe, recipe_to_yaml
+from .report import write_report
 from .schema import STRATEGIES
 from .schema_doc import recipe_reference
 from .tasks import TASKS
@@ -139,6 +140,14 @@ def build_parser() -> argparse.ArgumentParser:
     check = sub.add_parser("check", help="validate a recipe and print it fully resolved")
     _add_recipe_args(check)
 
+    report = sub.add_parser(
+        "report", help="write RUN/report/index.html: training curves, validation metrics, per-class results, "
+        "sample predictions, recipe, plan, versions (several runs: overlaid and compared)",
+    )
+    report.add_argument("runs", nargs="+", type=Path, metavar="RUN", help="run directories (output.dir of a run)")
+    report.add_argument("--output", type=Path, help="directory for index.html (default: RUN/report; several runs: "
+                        "their common parent/report)")
+
     sub.add_parser("schema", help="print the recipe reference (every field, generated from the schema)")
     return parser
 
@@ -253,13 +262,18 @@ def cmd_check(args) -> int:
     return EXIT_OK
 
 
+def cmd_report(args) -> int:
+    print(f"report: {write_report(args.runs, args.output)}")
+    return EXIT_OK
+
+
 def cmd_schema(args) -> int:
     sys.stdout.write(recipe_reference())
     return EXIT_OK
 
 
 COMMANDS = {"train": cmd_train, "eval": cmd_eval, "run": cmd_run, "debug": cmd_debug, "slurm": cmd_slurm, "sweep": cmd_sweep,
-            "check": cmd_check, "schema": cmd_schema}
+            "check": cmd_check, "schema": cmd_schema, "report": cmd_report}
 
 
 def _rank_prefix() -> str:

@@ -371,10 +371,22 @@ def _save_prepared(prepared: PreparedData, task, directory: Path) -> None:
         shutil.rmtree(staging, ignore_errors=True)
 
 
-def prepare_data(recipe: Recipe, task, tokenizer, main_process_first=None) -> PreparedData:
+def _counted(encode, bar):
+    """``encode`` advancing a progress bar by the examples of each batch it encodes."""
+    if bar is None or not bar.shown:
+        return encode
+
+    def counted(batch, indices):
+        bar.advance(len(indices))
+        return encode(batch, indices)
+
+    return counted
+
+
+def prepare_data(recipe: Recipe, task, tokenizer, main_process_first=None, progress=None) -> PreparedData:
     """Load, validate and tokenize every split - or, when nothing that decides them has changed,
     read the result of an earlier run from the cache. The main process of each node goes first;
-    the others then read what it wrote."""
+    the others then read what it wrote. ``progress``: a launcher.progress.Progress (bars per split)."""
     root = cache_root(recipe)
     try:
         (root / "prepared").mkdir(parents=True, exist_ok=True)
@@ -389,15 +401,17 @@ def prepare_data(recipe: Recipe, task, tokenizer, main_process_first=None) -> Pr
         encode = task.encoder(tokenizer)
         for name, dataset in prepared.raw.items():
             prepared.cached[name] = False
-            prepared.features[name] = dataset.map(
-                encode, batched=True, with_indices=True, remove_columns=dataset.column_names,
-                keep_in_memory=True, desc=f"tokenizing {name}",
-            )
+            with progress.task(f"tokenizing {name}", total=len(dataset)) if progress else nullcontext() as bar:
+                prepared.features[name] = dataset.map(
+                    _counted(encode, bar), batched=True, with_indices=True, remove_columns=dataset.column_names,
+                    keep_in_memory=True, desc=f"tokenizing {name}",
+                )
             cut = count_truncated(prepared.features[name])
             if cut is not None:
                 prepared.truncated[name] = cut
         if entry is not None:
-            _save_prepared(prepared, task, entry)
+            with progress.task("caching features") if progress else nullcontext():
+                _save_prepared(prepared, task, entry)
             reloaded = _load_prepared(entry, task)  # memory-mapped, like every later run
             reloaded.cached = {name: False for name in reloaded.raw}
             return reloaded

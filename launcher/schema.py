@@ -244,11 +244,77 @@ class CheckpointSection(Section):
     )
 
 
+TRACKERS = ("tensorboard", "mlflow", "wandb")
+# Keys the launcher sets itself so that a resumed run continues the same tracker run.
+_TRACKER_MANAGED_KEYS = {"tensorboard": {"logging_dir", "log_dir", "purge_step"},
+                         "mlflow": {"run_id", "experiment_name", "logging_dir", "run_name"},
+                         "wandb": {"id", "resume", "dir", "project", "name"}}
+
+
+class TrackingSection(Section):
+    """Experiment trackers (accelerate's): what every run reports besides metrics.jsonl."""
+
+    report_to: list[Literal[TRACKERS]] = Field(
+        ["tensorboard"],
+        description="Trackers that receive every scalar of metrics.jsonl (loss, lr, grad norm, throughput, tokens, "
+        "evaluation metrics, memory), from rank 0: tensorboard (offline, under <dir>/tensorboard), mlflow "
+        "(`pip install mlflow`), wandb (`pip install wandb`). [] for none.",
+    )
+    project: str | None = Field(
+        None, description="Project: the MLflow experiment, the W&B project, the TensorBoard sub-directory "
+        "(default: the recipe name)."
+    )
+    run_name: str | None = Field(None, description="Run name shown by MLflow and W&B (default: the recipe name).")
+    mlflow_tracking_uri: str | None = Field(
+        None, description="MLflow tracking server or store, e.g. http://host:5000 (default: $MLFLOW_TRACKING_URI, "
+        "else sqlite:///<dir>/mlflow.db)."
+    )
+    options: dict[Literal[TRACKERS], dict[str, Any]] = Field(
+        default_factory=dict,
+        description="Extra keyword arguments per tracker, handed to accelerate's tracker: e.g. "
+        "{tensorboard: {flush_secs: 30}, mlflow: {tags: {team: nlp}}, wandb: {entity: my-team, mode: offline}}. "
+        "The run identity (ids, directories, resume) is the launcher's to set.",
+    )
+
+    @model_validator(mode="after")
+    def _options_fit(self) -> "TrackingSection":
+        if len(set(self.report_to)) != len(self.report_to):
+            raise ValueError(f"report_to names a tracker twice: {self.report_to}")
+        for tracker, kwargs in self.options.items():
+            managed = sorted(_TRACKER_MANAGED_KEYS[tracker] & set(kwargs))
+            if managed:
+                raise ValueError(
+                    f"options.{tracker}.{managed[0]}: set by the launcher (a resumed run must continue the same "
+                    f"tracker run); remove it" + ("; use tracking.project / tracking.run_name" if managed[0] in
+                                                    ("experiment_name", "project", "name", "run_name") else "")
+                )
+        return self
+
+
 class OutputSection(Section):
     dir: str = Field("runs/{name}", description="Run directory. `{name}` is replaced by the recipe name.")
     overwrite: bool = Field(False, description="Allow reusing a directory that already holds a run.")
     save_predictions: bool = Field(True, description="Write per-example test predictions (predictions/test.jsonl).")
     export_model: bool = Field(True, description="Export model + tokenizer (safetensors) to <dir>/model.")
+    # report, model card upload: see launcher/report.py and launcher/model_card.py
+    report: bool = Field(
+        True, description="At the end of `launcher train`, write <dir>/report/index.html (plots, metrics, recipe, "
+        "plan, versions; also `launcher report <dir>`)."
+    )
+    push_to_hub: bool = Field(
+        False, description="After the local export, upload model/ (with its model card) and metrics.json to the "
+        "Hugging Face Hub repository output.hub_repo_id (needs network and a token)."
+    )
+    hub_repo_id: str | None = Field(None, description="Hub repository for push_to_hub, e.g. `my-org/my-model`.")
+    hub_private: bool = Field(True, description="Create the Hub repository as private (push_to_hub).")
+
+    @model_validator(mode="after")
+    def _hub_repo_named(self) -> "OutputSection":
+        if self.push_to_hub and not self.hub_repo_id:
+            raise ValueError("push_to_hub needs output.hub_repo_id (e.g. my-org/my-model)")
+        if self.push_to_hub and not self.export_model:
+            raise ValueError("push_to_hub uploads the exported model; it needs output.export_model=true")
+        return self
 
 
 # --------------------------------------------------------------------------------------------
@@ -314,6 +380,7 @@ class Recipe(Section):
     evaluation: EvaluationSection = Field(default_factory=EvaluationSection)
     distributed: DistributedSection = Field(default_factory=DistributedSection)
     checkpoint: CheckpointSection = Field(default_factory=CheckpointSection)
+    tracking: TrackingSection = Field(default_factory=TrackingSection)
     output: OutputSection = Field(default_factory=OutputSection)
 
     _source: Path | None = PrivateAttr(None)  # the recipe file, for paths relative to it

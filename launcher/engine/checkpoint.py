@@ -62,6 +62,7 @@ class TrainerState:
     evals_without_improvement: int = 0
     last_validation_step: int = -1
     last_validation: dict | None = None
+    trackers: dict = field(default_factory=dict)  # experiment tracker run identities (launcher/tracking.py)
 
     @classmethod
     def read(cls, directory: Path) -> "TrainerState":

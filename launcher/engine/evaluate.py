@@ -6,6 +6,8 @@ a collective, so a rank that stopped early would leave the others waiting foreve
 
 from __future__ import annotations
 
+from contextlib import nullcontext
+
 import torch
 
 from ..sampling import eval_shard
@@ -25,8 +27,10 @@ def to_device(batch: dict, device) -> dict:
 
 
 @torch.no_grad()
-def predict(model, features, task, tokenizer, accelerator, batch_size: int) -> list[dict] | None:
-    """Per-example records for the whole split, on the main process (None elsewhere)."""
+def predict(model, features, task, tokenizer, accelerator, batch_size: int, progress=None,
+            description: str = "evaluating") -> list[dict] | None:
+    """Per-example records for the whole split, on the main process (None elsewhere). ``progress``: a
+    launcher.progress.Progress showing one bar over the batches (generation included)."""
     from accelerate.utils import gather_object
 
     was_training = model.training
@@ -35,9 +39,13 @@ def predict(model, features, task, tokenizer, accelerator, batch_size: int) -> l
     # DeepSpeed put on its submodules, and needs none of the wrapper's training-time bookkeeping.
     module = accelerator.unwrap_model(model)
     local: list[dict] = []
-    for chunk in batches(eval_shard(len(features), accelerator.num_processes, accelerator.process_index), batch_size):
-        batch = to_device(task.collate(features[chunk], tokenizer), accelerator.device)
-        local.extend(task.predict_batch(module, batch, tokenizer))
+    shard = eval_shard(len(features), accelerator.num_processes, accelerator.process_index)
+    with progress.task(description, total=-(-len(shard) // batch_size)) if progress else nullcontext() as bar:
+        for chunk in batches(shard, batch_size):
+            batch = to_device(task.collate(features[chunk], tokenizer), accelerator.device)
+            local.extend(task.predict_batch(module, batch, tokenizer))
+            if bar is not None:
+                bar.advance()
     if was_training:
         model.train()
     gathered = gather_object(local) if accelerator.num_processes > 1 else local

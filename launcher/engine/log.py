@@ -9,6 +9,9 @@ from pathlib import Path
 
 from rich.console import Console
 
+from ..progress import Progress
+from ..tracking import Tracker
+
 
 class RankLog:
     def __init__(self, rank: int = 0, world_size: int = 1):
@@ -17,6 +20,8 @@ class RankLog:
         self.console = Console(stderr=False, highlight=False, soft_wrap=True)
         self.is_main = rank == 0
         self.metrics_path: Path | None = None
+        self.progress = Progress(self.console, enabled=self.is_main)  # bars on rank 0, on a terminal only
+        self.tracker = Tracker()  # the run's experiment trackers (launcher/tracking.py); rank 0 only
 
     def info(self, message: str) -> None:
         if self.is_main:
@@ -28,12 +33,13 @@ class RankLog:
         print(f"warning: {prefix}{message}", file=sys.stderr, flush=True)
 
     def event(self, record: dict) -> None:
-        """Append one line to metrics.jsonl (rank 0 only)."""
+        """Append one line to metrics.jsonl and hand it to the trackers (rank 0 only)."""
         if not self.is_main or self.metrics_path is None:
             return
         record = {"time": round(time.time(), 3), **record}
         with self.metrics_path.open("a", encoding="utf-8") as handle:
             handle.write(json.dumps(record) + "\n")
+        self.tracker.record(record)
 
 
 def format_seconds(seconds: float) -> str:

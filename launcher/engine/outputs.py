@@ -31,7 +31,7 @@ from .checkpoint import is_complete, latest_checkpoint
 
 # Files a previous run may have left; removed when output.overwrite=true so nothing stale mixes in.
 RUN_ARTIFACTS = ("recipe.yaml", "deepspeed_config.json", "metrics.jsonl", "metrics.json", "predictions", "model",
-                 "checkpoints", "status.json", "STOP")
+                 "checkpoints", "status.json", "STOP", "report", "tensorboard", "mlflow.db", "wandb")
 
 
 def output_dir_for(recipe) -> Path:
@@ -62,6 +62,7 @@ RESUME_MAY_CHANGE = {
     # `launcher run` passes the strategy it resolved from `auto`; whether a checkpoint can continue under
     # another strategy is checkpoint.check_resumable's decision, made on the strategies themselves.
     "distributed.strategy",
+    "output.report", "output.push_to_hub", "output.hub_repo_id", "output.hub_private",
 }
 
 

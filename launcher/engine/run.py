@@ -21,16 +21,20 @@ from contextlib import nullcontext
 
 import torch
 
-from .. import faults, timing
+from .. import faults, model_card, timing
 from ..data import prepare_data
 from ..errors import DataError, StopRequested, TrainingError
+from ..model_card import CardFacts, push_to_hub
 from ..model_io import load_tokenizer
 from ..finetune import apply_method, enable_gradient_checkpointing, export_merged
 from ..plan import total_optimizer_steps
 from ..recipe import recipe_to_yaml
+from ..report import write_report
 from ..schema import Recipe
 from ..sampling import rank_micro_batches, steps_per_epoch
 from ..tasks import TASKS
+from ..tracking import accelerator_kwargs, check_trackers, start_tracking
+from ..versions import library_versions
 from .checkpoint import (
     TrainerState,
     best_dir,
@@ -46,7 +50,7 @@ from .checkpoint import (
 from .evaluate import predict, to_device
 from .log import RankLog
 from ..files import replace_dir_atomic, write_json_atomic, write_jsonl_atomic, write_text_atomic
-from .outputs import decide_start, prepare_output_dir
+from .outputs import decide_start, output_dir_for, prepare_output_dir
 from .setup import build_accelerator, plan_topology, shutdown_distributed
 from .telemetry import LossWindow, announce, first_step_event, log_train, memory_report, scalars, summary
 from .weights import (
@@ -119,7 +123,9 @@ class FineTuneRun:
     def setup(self) -> None:
         recipe = self.recipe
         self.topology = plan_topology(recipe)
-        self.accelerator = accelerator = build_accelerator(recipe, self.topology)
+        check_trackers(recipe)
+        self.accelerator = accelerator = build_accelerator(recipe, self.topology,
+                                                           accelerator_kwargs(recipe, output_dir_for(recipe)))
         self.rank, self.world_size = accelerator.process_index, accelerator.num_processes
         self.log = log = RankLog(self.rank, self.world_size)
         _quiet_libraries(accelerator.is_main_process)
@@ -135,7 +141,7 @@ class FineTuneRun:
         self.start = decide_start(recipe)
         self.out_dir = self.start.run_dir
         self.tokenizer = load_tokenizer(recipe)
-        self.data = prepare_data(recipe, task, self.tokenizer, accelerator.local_main_process_first)
+        self.data = prepare_data(recipe, task, self.tokenizer, accelerator.local_main_process_first, log.progress)
         batch = self.topology.batch
         self.train_features = self.data.features["train"]
         self.steps_per_epoch = steps_per_epoch(len(self.train_features), batch)
@@ -194,6 +200,8 @@ class FineTuneRun:
             self._resume(self.start.resume_from)
         elif self.start.note:
             log.info(self.start.note)
+        resumed_step = self.state.step if self.start.resume_from is not None else None
+        log.tracker = start_tracking(accelerator, recipe, self.out_dir, resumed_step, self.state.trackers)
         self._announce(warmup)
 
     def _resume(self, directory) -> None:
@@ -231,6 +239,7 @@ class FineTuneRun:
                  batch=self.topology.batch, data=self.data, steps_per_epoch=self.steps_per_epoch,
                  total_steps=self.total_steps, warmup=warmup, length_limits=self.task.length_limits(),
                  parameters=count_parameters(self.model), fresh=self.start.resume_from is None,
+                 versions=library_versions(),
                  # what the model does, not what the recipe asked: a layer that checkpoints
                  gradient_checkpointing=any(getattr(m, "gradient_checkpointing", False) is True
                                             for m in self.accelerator.unwrap_model(self.model).modules()))
@@ -252,6 +261,7 @@ class FineTuneRun:
         self.window = LossWindow()
         start = time.perf_counter()
         steps_at_start = state.step
+        self._bar = self.log.progress.start("training", total=self.total_steps, completed=state.step)
         while state.step < self.total_steps and not self._early_stopped():
             batches = rank_micro_batches(len(self.train_features), self.topology.batch, self.rank,
                                          training.seed, state.epoch, start_step=state.step_in_epoch, lengths=lengths)
@@ -261,6 +271,7 @@ class FineTuneRun:
                     self._stop()
                 state.step += 1
                 state.step_in_epoch += 1
+                self._bar.advance()
                 if state.step == steps_at_start + 1:
                     memory = memory_report(self.accelerator.unwrap_model(self.model), self.optimizer, self.topology.strategy)
                     self.log.event(first_step_event(state.step, time.perf_counter() - start, memory))
@@ -268,7 +279,8 @@ class FineTuneRun:
                     self._flush_losses()
                     log_train(self.log, self.window, step=state.step, total_steps=self.total_steps,
                               steps_per_epoch=self.steps_per_epoch, global_batch_size=self.topology.batch.global_batch_size,
-                              elapsed=time.perf_counter() - start, steps_done=state.step - steps_at_start)
+                              elapsed=time.perf_counter() - start, steps_done=state.step - steps_at_start,
+                              bar=self._bar)
                 if has_validation and evaluation.every_steps and state.step % evaluation.every_steps == 0:
                     self.validate()
                 if checkpointing.every_steps and state.step % checkpointing.every_steps == 0:
@@ -284,6 +296,7 @@ class FineTuneRun:
                     self.checkpoint()
                 continue
             break
+        self._bar.done()
         if has_validation and state.last_validation_step != state.step:
             self.validate()
         self.train_seconds = time.perf_counter() - start
@@ -400,7 +413,9 @@ class FineTuneRun:
     def checkpoint(self):
         self._flush_losses()  # never checkpoint weights that a non-finite loss already spoiled
         self.state.scheduler = self.scheduler.state_dict()
-        directory = save_checkpoint(self.accelerator, self.out_dir, self.state, self.recipe.checkpoint.keep_last)
+        self.state.trackers = self.log.tracker.identity()  # a resume continues the same tracker runs
+        with self.log.progress.task(f"writing checkpoint step {self.state.step}"):
+            directory = save_checkpoint(self.accelerator, self.out_dir, self.state, self.recipe.checkpoint.keep_last)
         self.log.info(f"checkpoint: {directory}")
         self.log.event({"event": "checkpoint", "step": self.state.step, "path": str(directory)})
         return directory
@@ -426,7 +441,7 @@ class FineTuneRun:
     def evaluate(self, split: str) -> tuple[dict | None, list | None]:
         """Metrics (main process) and records for one split; all ranks must call it."""
         records = predict(self.model, self.data.features[split], self.task, self.tokenizer, self.accelerator,
-                          self._eval_batch_size())
+                          self._eval_batch_size(), progress=self.log.progress, description=f"evaluating {split}")
         metrics = self.task.compute_metrics(records) if records is not None else None
         return metrics, records
 
@@ -457,8 +472,9 @@ class FineTuneRun:
                 state.best = {"metric": evaluation.best_metric, "value": metrics[evaluation.best_metric],
                               "step": state.step, "metrics": scalars(metrics)}
             state.best = broadcast_object_list([state.best])[0] if self.world_size > 1 else state.best
-            export_pretrained(self.accelerator, self.model, self.tokenizer, best_dir(self.out_dir, state.step),
-                              self.recipe, self.task)
+            with self.log.progress.task(f"saving the best weights (step {state.step})"):
+                export_pretrained(self.accelerator, self.model, self.tokenizer, best_dir(self.out_dir, state.step),
+                                  self.recipe, self.task, card=self._card_facts(state.step, {"validation": metrics}))
             if self.accelerator.is_main_process:
                 prune_best(self.out_dir, keep_steps={state.step, *self._checkpointed_best_steps()})
             state.evals_without_improvement = 0
@@ -493,11 +509,16 @@ class FineTuneRun:
                 if self.recipe.output.save_predictions:
                     rows = self.task.prediction_rows(records, self.data.raw["test"])
                     write_jsonl_atomic(out / "predictions" / "test.jsonl", rows)
+        weights_step = state.best["step"] if state.best else state.step
+        final_metrics = {"validation": results["validation"], "test": results["test"]}
         if self.recipe.output.export_model:
-            export_pretrained(accelerator, self.model, self.tokenizer, out / "model", self.recipe, self.task)
+            with log.progress.task("exporting the model"):
+                export_pretrained(accelerator, self.model, self.tokenizer, out / "model", self.recipe, self.task,
+                                  card=self._card_facts(weights_step, final_metrics))
             if self.recipe.finetune.merge_on_export and accelerator.is_main_process:
                 staging = out / f".model-merged.partial-{os.getpid()}"
                 export_merged(out / "model", staging)
+                model_card.write(staging, self._card_facts(weights_step, final_metrics, merged=True), out / "model-merged")
                 replace_dir_atomic(staging, out / "model-merged")
         if accelerator.is_main_process:
             results["train"] = {"steps": state.step, "epochs": round(state.step / self.steps_per_epoch, 4),
@@ -513,15 +534,59 @@ class FineTuneRun:
                 log.info(f"model: {out / 'model'}")
             log.info(f"metrics: {out / 'metrics.json'}")
         self._write_status("finished")
+        if accelerator.is_main_process and self.recipe.output.report:
+            self._write_report()
         accelerator.wait_for_everyone()
+        if accelerator.is_main_process and self.recipe.output.push_to_hub:
+            self._push_to_hub(self._card_facts(weights_step, final_metrics))
         return results if accelerator.is_main_process else None
+
+    def _card_facts(self, step: int, metrics: dict, merged: bool = False):
+        """What the model card of an export of the weights of ``step`` says (main process; else None)."""
+        if not self.accelerator.is_main_process:
+            return None
+        data, recipe = self.data, self.recipe
+        sizes = {split: {"source": data.sources.get(split, ""), "rows": len(data.raw[split]),
+                         "features": len(data.features[split])} for split in data.features}
+        example_split = next(s for s in ("test", "validation", "train") if s in data.raw)
+        row = data.raw[example_split][0]
+        plan = {"world_size": self.world_size, "strategy": str(self.topology.strategy), **self.topology.batch.as_dict(),
+                "total_steps": self.total_steps}
+        best = {k: v for k, v in self.state.best.items() if k != "metrics"} if self.state.best else None
+        return CardFacts(recipe=recipe, auto_model_class=self.task.auto_model_class,
+                         model_config=self.task.model_config_kwargs(), data=sizes, plan=plan, step=step,
+                         metrics={k: scalars(v) for k, v in metrics.items() if v}, best=best,
+                         versions=library_versions(), example=row.get(recipe.data.text_column), merged=merged)
+
+    def _write_report(self) -> None:
+        try:
+            with self.log.progress.task("writing the report"):
+                path = write_report([self.out_dir])
+        except Exception as exc:  # noqa: BLE001 - the run's results are safe; the report can be rebuilt
+            self.log.rank_warning(f"could not write the report ({type(exc).__name__}: {exc}); "
+                                  f"retry with: launcher report {self.out_dir}")
+            return
+        self.log.info(f"report: {path}")
+
+    def _push_to_hub(self, facts) -> None:
+        output, model_dir = self.recipe.output, self.out_dir / "model"
+        try:
+            url = push_to_hub(model_dir, self.out_dir / "metrics.json", output.hub_repo_id, output.hub_private, facts)
+        except Exception as exc:  # noqa: BLE001 - offline, no token, no permission: all end the same way
+            first = (str(exc).strip().splitlines() or [type(exc).__name__])[0]
+            raise TrainingError(
+                f"output.push_to_hub: upload to {output.hub_repo_id} failed ({type(exc).__name__}: {first}); the local "
+                f"export {model_dir} is complete; upload it later with: hf upload {output.hub_repo_id} {model_dir}"
+            ) from None
+        self.log.info(f"pushed to the Hub: {url}")
 
     def close(self) -> None:
         accelerator = getattr(self, "accelerator", None)
         if accelerator is not None:
             # The model (DDP reducer / DeepSpeed engine) and the control group hold the process groups.
             self.model = self.optimizer = self.scheduler = self._gloo_group = None
-            shutdown_distributed(accelerator)
+            self.log.progress.close()
+            shutdown_distributed(accelerator)  # (also finishes the trackers: accelerator.end_training)
 
 
 def _grad_norm(parameters) -> torch.Tensor:

@@ -41,7 +41,8 @@ def plan_topology(recipe: Recipe, env=None) -> Topology:
     return Topology(strategy, batch, ds_config, backend)
 
 
-def build_accelerator(recipe: Recipe, topology: Topology):
+def build_accelerator(recipe: Recipe, topology: Topology, trackers: dict | None = None):
+    """``trackers``: accelerate's tracker arguments (log_with, project_config) from launcher/tracking.py."""
     if not torch.cuda.is_available():
         # Say it up front instead of DeepSpeed warning on every rank that it "fell back" to CPU.
         os.environ.setdefault("DS_ACCELERATOR", "cpu")
@@ -83,6 +84,7 @@ def build_accelerator(recipe: Recipe, topology: Topology):
         cpu=not torch.cuda.is_available() and plugin is None,
         kwargs_handlers=handlers,
         dynamo_backend="inductor" if recipe.training.compile else "no",
+        **(trackers or {}),
     )
     check_topology(accelerator)
     return accelerator

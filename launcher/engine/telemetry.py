@@ -13,7 +13,7 @@ from .log import RankLog, format_seconds
 
 def announce(log: RankLog, *, out_dir, strategy, world_size: int, backend: str, device_type: str, recipe, batch,
              data, steps_per_epoch: int, total_steps: int, warmup: int, length_limits: str,
-             parameters: tuple[int, int], fresh: bool, gradient_checkpointing: bool = False) -> None:
+             parameters: tuple[int, int], fresh: bool, versions: dict, gradient_checkpointing: bool = False) -> None:
     """The run's plan as this rank sees it, in log lines; and the `start` event of a fresh run."""
     trainable, total = parameters
     sizes = ", ".join(f"{name} {len(ds)}" for name, ds in data.features.items())
@@ -49,7 +49,7 @@ def announce(log: RankLog, *, out_dir, strategy, world_size: int, backend: str, 
                    "trainable_share": trainable / max(total, 1), "finetune_method": recipe.finetune.method,
                    "gradient_checkpointing": gradient_checkpointing,
                    "examples": {k: len(v) for k, v in data.features.items()}, "dropped": data.dropped,
-                   "truncated": data.truncated})
+                   "truncated": data.truncated, "versions": versions})
 
 
 def memory_report(module, optimizer, strategy) -> dict:
@@ -78,7 +78,7 @@ def first_step_event(step: int, seconds_in_loop: float, memory: dict) -> dict:
 
 
 def log_train(log: RankLog, window: "LossWindow", *, step: int, total_steps: int, steps_per_epoch: int,
-              global_batch_size: int, elapsed: float, steps_done: int) -> None:
+              global_batch_size: int, elapsed: float, steps_done: int, bar=None) -> None:
     """The training line (every log_every steps) and its `train` event: loss over the supervised
     targets since the last line, lr, grad norm, throughput."""
     loss, targets, samples_steps, grad_norm, lr, seconds, tokens, padded_tokens = window.take()
@@ -87,6 +87,8 @@ def log_train(log: RankLog, window: "LossWindow", *, step: int, total_steps: int
     eta = (total_steps - step) * (elapsed / max(steps_done, 1))
     grad_norm = float(grad_norm) if grad_norm is not None else float("nan")
     epoch = step / steps_per_epoch
+    if bar is not None:  # the progress bar (rank 0 on a terminal)
+        bar.update(f"loss {loss:.4f}  {rate:.1f} samples/s")
     log.info(
         f"step {step}/{total_steps} | epoch {epoch:.2f} | loss {loss:.4f} | lr {lr:.3e} | "
         f"grad_norm {grad_norm:.3f} | {rate:.1f} samples/s | eta {format_seconds(eta)}"

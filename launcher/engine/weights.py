@@ -7,6 +7,7 @@ from pathlib import Path
 
 import torch
 
+from .. import model_card
 from ..files import replace_dir_atomic
 from ..finetune import is_peft, read_weights, save_weights, trainable_state
 
@@ -58,9 +59,11 @@ def restore_exported(accelerator, model, directory: Path) -> None:
     restore_state_dict(accelerator, model, state)
 
 
-def export_pretrained(accelerator, model, tokenizer, target: Path, recipe, task, state: dict | None = None) -> None:
-    """Export the model (safetensors) + tokenizer into ``target`` the way recipe.finetune.method needs,
-    atomically; all ranks call this (gathering ZeRO-3 shards is a collective)."""
+def export_pretrained(accelerator, model, tokenizer, target: Path, recipe, task, state: dict | None = None,
+                      card=None) -> None:
+    """Export the model (safetensors) + tokenizer (+ the model card, a ``model_card.CardFacts``) into
+    ``target`` the way recipe.finetune.method needs, atomically; all ranks call this (gathering ZeRO-3
+    shards is a collective)."""
     from safetensors.torch import save_file
 
     if state is None:
@@ -73,6 +76,8 @@ def export_pretrained(accelerator, model, tokenizer, target: Path, recipe, task,
             trainable = trainable_state(module, state)
             save_file({k: v.contiguous() for k, v in trainable.items()}, str(staging / RESTORE_FILE))
         tokenizer.save_pretrained(staging)
+        if card is not None:
+            model_card.write(staging, card, location=target)  # replaces the card peft writes
         replace_dir_atomic(staging, target)
     accelerator.wait_for_everyone()
 

@@ -40,6 +40,7 @@ from ..schema import Recipe
 from ..tasks import TASKS
 from . import accelerate
 from .memory import choose, memory_budget, model_facts
+from ..tracking import check_trackers
 
 
 @dataclass
@@ -130,6 +131,7 @@ def build_plan(recipe_path: str | Path, overrides: list[str], request: LaunchReq
     if request.strategy:
         overrides.append(f"distributed.strategy={request.strategy}")
     recipe = load_recipe(recipe_path, overrides)
+    check_trackers(recipe)
     device, gpus = detect_device()
     device = request.device or device
 

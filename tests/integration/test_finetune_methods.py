@@ -104,6 +104,28 @@ def test_method_learns_and_its_export_reproduces_the_test_predictions(assets, ba
     assert losses[-1] < 0.9 * losses[0], (method, losses)
     assert json.loads((run_dir / "metrics.json").read_text())["test"]["accuracy"] > 0.65  # chance is ~0.5
     _assert_export_reproduces(run_dir)
+    _assert_card_snippet_predicts(run_dir, method)
+
+
+def _assert_card_snippet_predicts(run_dir, method):
+    """The model card's load snippet (pipeline, peft or launcher loader, per method) runs as pasted and
+    predicts what the run predicted for the first test example."""
+    import contextlib
+    import io
+    import re
+
+    from huggingface_hub import ModelCard
+
+    card = ModelCard.load(run_dir / "model" / "README.md")
+    assert card.data.library_name == ("peft" if method in ("lora", "ia3", "prompt_tuning") else "transformers")
+    assert f"**{method}** fine-tuning" in card.text
+    (snippet,) = re.findall(r"```python\n(.*?)```", card.text, flags=re.S)
+    printed = io.StringIO()
+    with contextlib.redirect_stdout(printed):
+        exec(snippet, {})  # noqa: S102 - the card's own code, as a reader would paste it
+    first = json.loads((run_dir / "predictions" / "test.jsonl").read_text().splitlines()[0])
+    other = ({"negative", "positive"} - {first["prediction"]}).pop()
+    assert f"'{first['prediction']}'" in printed.getvalue() and f"'{other}'" not in printed.getvalue()
 
 
 def _assert_export_reproduces(run_dir, model_dir="model"):

@@ -140,6 +140,36 @@ def test_exported_model_reloads_and_reproduces_the_predictions(trained):
     assert meta["auto_model_class"] == "AutoModelForSeq2SeqLM"
 
 
+def test_report_shows_sample_translations_against_their_references(trained):
+    import html
+
+    page = (trained / "report" / "index.html").read_text()
+    table = page.split("<h2>Sample predictions (test)</h2>", 1)[1].split("</table>", 1)[0]
+    rows = rows_of(trained)[:12]
+    for row in rows:
+        assert f"<td>{html.escape(row['source'])}</td><td>{html.escape(row['reference'])}</td>" \
+               f"<td>{html.escape(row['prediction'])}</td>" in table
+    assert table.count('class="miss"') == sum(r["prediction"] != r["reference"] for r in rows)
+    assert "bleu" in page and "rouge1" in page
+
+
+def test_model_card_load_snippet_generates_what_the_run_predicted(trained):
+    import contextlib
+    import io
+    import re
+
+    from huggingface_hub import ModelCard
+
+    card = ModelCard.load(trained / "model" / "README.md")
+    assert card.data.library_name == "transformers" and "seq2seq" in card.data.tags
+    (snippet,) = re.findall(r"```python\n(.*?)```", card.text, flags=re.S)
+    assert f"AutoModelForSeq2SeqLM.from_pretrained('{trained / 'model'}')" in snippet
+    printed = io.StringIO()
+    with contextlib.redirect_stdout(printed):
+        exec(snippet, {})  # noqa: S102 - the card's own code, as a reader would paste it
+    assert printed.getvalue().strip() == repr([rows_of(trained)[0]["prediction"]])
+
+
 # ---- 2 ranks: DDP and ZeRO-3 give the 1-process results -------------------------------------------
 
 

@@ -21,11 +21,11 @@ LAYERS: list[tuple[str, tuple[str, ...]]] = [
     ("launch", ("launcher.launch", "launcher.launch.")),
     ("engine", ("launcher.engine", "launcher.engine.")),
     ("work", ("launcher.tasks.", "launcher.tasks", "launcher.data", "launcher.finetune", "launcher.model_io",
-              "launcher.report", "launcher.card")),
+              "launcher.report", "launcher.model_card")),
     ("recipe", ("launcher.recipe", "launcher.schema", "launcher.schema_doc", "launcher.plan", "launcher.memory", "launcher.sampling",
                 "launcher.tracking")),
     ("leaves", ("launcher.errors", "launcher.paths", "launcher.files", "launcher.timing", "launcher.faults",
-                "launcher.metrics", "launcher.squad")),
+                "launcher.metrics", "launcher.squad", "launcher.progress", "launcher.versions")),
 ]
 
 
