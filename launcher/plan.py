@@ -14,6 +14,10 @@ from .errors import TopologyError
 from .recipe import TrainingSection
 
 DEEPSPEED_STAGES = {"zero0": 0, "zero1": 1, "zero2": 2, "zero3": 3, "zero3_offload": 3}
+# PyTorch FSDP2 (accelerate's plugin, fsdp_version 2). Both shard gradients and optimizer state; the
+# value says whether a layer's weights are sharded again right after its forward (full shard) or stay
+# whole until its backward is done (SHARD_GRAD_OP: less communication, more memory during the step).
+FSDP_RESHARD_AFTER_FORWARD = {"fsdp": True, "fsdp_grad_op": False}
 
 
 @dataclass(frozen=True)
@@ -71,6 +75,8 @@ def total_optimizer_steps(training: TrainingSection, steps_per_epoch: int) -> in
 
 def strategy_from_accelerate_env(env: Mapping[str, str]) -> str | None:
     """The strategy an `accelerate launch` config asked for (None if it asked for none)."""
+    if env.get("ACCELERATE_USE_FSDP", "false").lower() == "true":
+        return fsdp_strategy_from_accelerate_env(env)
     if env.get("ACCELERATE_USE_DEEPSPEED", "false").lower() != "true":
         return None
     stage = int(env.get("ACCELERATE_DEEPSPEED_ZERO_STAGE", "2") or 2)
@@ -87,6 +93,28 @@ def strategy_from_accelerate_env(env: Mapping[str, str]) -> str | None:
         f"offload_param_device={offload['param']}; the launcher offers offload as zero3_offload (stage 3, optimizer "
         f"and parameters on cpu): use accelerate_configs/deepspeed_zero3_offload.yaml or remove the offload settings"
     )
+
+
+def fsdp_strategy_from_accelerate_env(env: Mapping[str, str]) -> str:
+    """fsdp or fsdp_grad_op from `accelerate launch --use_fsdp` settings; what the launcher does not
+    offer is refused rather than silently replaced by the recipe's plugin."""
+    version = env.get("FSDP_VERSION", "1")
+    if version != "2":
+        raise TopologyError(
+            f"the accelerate config asks for FSDP version {version}; the launcher runs FSDP2 only: set "
+            f"fsdp_version: 2 in the accelerate config (accelerate launch --fsdp_version 2)"
+        )
+    for variable, key in (("FSDP_OFFLOAD_PARAMS", "fsdp_offload_params"),
+                          ("FSDP_ACTIVATION_CHECKPOINTING", "fsdp_activation_checkpointing")):
+        if env.get(variable, "false").lower() in ("true", "yes", "1"):
+            raise TopologyError(f"the accelerate config sets {key}: true, which the launcher does not offer "
+                                f"with FSDP; remove it (strategies fsdp and fsdp_grad_op keep everything on the device)")
+    given = env.get("FSDP_RESHARD_AFTER_FORWARD", "true")
+    reshard = given.lower()
+    if reshard not in ("true", "false", "yes", "no", "1", "0"):
+        raise TopologyError(f"the accelerate config sets fsdp_reshard_after_forward: {given}; FSDP2 takes true "
+                            f"(strategy fsdp) or false (strategy fsdp_grad_op)")
+    return "fsdp" if reshard in ("true", "yes", "1") else "fsdp_grad_op"
 
 
 def resolve_strategy(recipe_strategy: str, env: Mapping[str, str] | None = None) -> str:
@@ -107,7 +135,8 @@ def resolve_strategy(recipe_strategy: str, env: Mapping[str, str] | None = None)
         return launched_with or "ddp"
     if launched_with is not None and launched_with != recipe_strategy:
         raise TopologyError(
-            f"distributed.strategy={recipe_strategy} but accelerate was launched with DeepSpeed {launched_with}; "
+            f"distributed.strategy={recipe_strategy} but accelerate was launched with "
+            f"{'DeepSpeed ' if is_deepspeed(launched_with) else ''}{launched_with}; "
             f"make them agree (or set distributed.strategy=auto to follow the accelerate config)"
         )
     return recipe_strategy
@@ -157,6 +186,16 @@ def check_accelerate_zero3_export(env: Mapping[str, str], strategy: str) -> None
 
 def is_deepspeed(strategy: str) -> bool:
     return strategy in DEEPSPEED_STAGES
+
+
+def is_fsdp(strategy: str) -> bool:
+    return strategy in FSDP_RESHARD_AFTER_FORWARD
+
+
+def check_fsdp(strategy: str, training: TrainingSection) -> None:
+    """What the launcher has not tested under FSDP is refused before any process starts."""
+    if is_fsdp(strategy) and training.compile:
+        raise TopologyError(f"training.compile works with DDP only, not under FSDP ({strategy}); set training.compile=false")
 
 
 def deepspeed_config(strategy: str, batch: BatchPlan, training: TrainingSection) -> dict:
@@ -209,7 +248,8 @@ def memory_estimate(num_parameters: int, strategy: str, precision: str, world_si
     plus the fp32 master copy of the weights that DeepSpeed keeps in 16-bit training (and, under
     ZeRO-1/2, in fp32 too: its partition is a separate flat copy). DDP and ZeRO-0 keep
     everything on every rank; ZeRO-1 shards the optimizer state, ZeRO-2 also the gradients, ZeRO-3
-    also the weights; offload moves the optimizer state and the weights to host memory."""
+    also the weights; offload moves the optimizer state and the weights to host memory. FSDP2
+    shards gradients and optimizer state, and under `fsdp` (full shard) the weights too."""
     n = num_parameters
     stage = DEEPSPEED_STAGES.get(strategy, 0)
     sixteen_bit_weights = precision in ("bf16", "fp16") and is_deepspeed(strategy)
@@ -225,6 +265,13 @@ def memory_estimate(num_parameters: int, strategy: str, precision: str, world_si
         grads /= world_size
     if stage >= 3:
         params /= world_size
+    if is_fsdp(strategy):
+        # FSDP2 steps its fp32 shards in place (no master copy); fsdp_grad_op holds a layer's whole
+        # weights from its forward to its backward, so the step's peak has them all.
+        grads /= world_size
+        optimizer /= world_size
+        if FSDP_RESHARD_AFTER_FORWARD[strategy]:
+            params /= world_size
     cpu = 0.0
     if strategy == "zero3_offload":
         cpu = optimizer + params

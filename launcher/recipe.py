@@ -17,7 +17,7 @@ from pydantic import BaseModel, ConfigDict, Field, PrivateAttr, ValidationError,
 
 from .errors import RecipeError
 
-STRATEGIES = ("auto", "ddp", "zero0", "zero1", "zero2", "zero3", "zero3_offload")
+STRATEGIES = ("auto", "ddp", "zero0", "zero1", "zero2", "zero3", "zero3_offload", "fsdp", "fsdp_grad_op")
 
 
 class _Section(BaseModel):
@@ -185,8 +185,9 @@ class EvaluationSection(_Section):
 class DistributedSection(_Section):
     strategy: Literal[STRATEGIES] = Field(
         "auto",
-        description="auto (what `accelerate launch` was configured with, else DDP), ddp, or DeepSpeed "
-        "zero0/zero1/zero2/zero3/zero3_offload.",
+        description="auto (what `accelerate launch` was configured with, else DDP), ddp, DeepSpeed "
+        "zero0/zero1/zero2/zero3/zero3_offload, or PyTorch FSDP2: fsdp (weights, gradients and optimizer state "
+        "sharded) or fsdp_grad_op (gradients and optimizer state sharded; weights stay whole from forward to backward).",
     )
     timeout_minutes: float = Field(
         30, gt=0, description="Process-group timeout: how long a collective may wait for a missing rank."

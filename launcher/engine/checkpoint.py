@@ -156,7 +156,7 @@ def check_resumable(state: TrainerState, strategy: str, world_size: int, global_
             f"{global_batch_size}; the data position would not carry over. Keep training.global_batch_size the same "
             f"(set it explicitly to change the world size), or set checkpoint.resume=never / output.overwrite=true"
         )
-    if state.strategy != strategy and "zero" in (state.strategy + strategy):
+    if state.strategy != strategy and any(kind in state.strategy + strategy for kind in ("zero", "fsdp")):
         raise LauncherError(
             f"checkpoint.resume: {directory} was written under {state.strategy}, this run uses {strategy}; "
             f"resume with distributed.strategy={state.strategy}"
@@ -167,4 +167,9 @@ def check_resumable(state: TrainerState, strategy: str, world_size: int, global_
             f"this run has {world_size}. Resume with {state.world_size} processes. (DDP checkpoints hold full state "
             f"and resume at any world size; for ZeRO, DeepSpeed's `ds_to_universal --inject_missing_state` converts "
             f"the shards to a universal checkpoint, which this launcher does not load yet.)"
+        )
+    if state.world_size != world_size and strategy.startswith("fsdp"):
+        raise LauncherError(
+            f"checkpoint.resume: {directory} holds FSDP state sharded over {state.world_size} ranks (and their "
+            f"random states), this run has {world_size}. Resume with {state.world_size} processes"
         )

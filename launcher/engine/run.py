@@ -40,6 +40,7 @@ from .checkpoint import (
     save_checkpoint,
 )
 from .evaluate import predict, to_device
+from .fsdp import choose_units, local_tensor
 from .log import RankLog, format_seconds
 from .outputs import decide_start, prepare_output_dir, write_json_atomic, write_jsonl_atomic, write_text_atomic
 from .setup import build_accelerator, plan_topology
@@ -154,6 +155,7 @@ class FineTuneRun:
             num_warmup_steps=warmup,
             num_training_steps=self.total_steps,
         )
+        choose_units(accelerator, self.model)  # FSDP only
         self.model, self.optimizer = accelerator.prepare(self.model, optimizer)
         self.deepspeed = is_deepspeed(self.topology.strategy)
         self.state = TrainerState(world_size=self.world_size, strategy=self.topology.strategy,
@@ -387,8 +389,8 @@ class FineTuneRun:
 
     def _memory_report(self) -> dict:
         """Bytes of model state this rank holds (what the plan's estimate predicts)."""
-        def nbytes(tensors) -> int:
-            return int(sum(t.numel() * t.element_size() for t in tensors if torch.is_tensor(t)))
+        def nbytes(tensors) -> int:  # FSDP parameters and their Adam moments: this rank's shard
+            return int(sum(local_tensor(t).numel() * t.element_size() for t in tensors if torch.is_tensor(t)))
 
         model = self.accelerator.unwrap_model(self.model)
         optimizer = self.optimizer

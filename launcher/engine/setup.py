@@ -16,12 +16,15 @@ from ..plan import (
     check_accelerate_clipping,
     check_accelerate_precision,
     check_accelerate_zero3_export,
+    check_fsdp,
     deepspeed_config,
     is_deepspeed,
+    is_fsdp,
     resolve_batch,
     resolve_strategy,
 )
 from ..recipe import Recipe
+from .fsdp import adopt_on_cpu, fsdp_plugin
 
 
 @dataclass
@@ -54,6 +57,7 @@ def plan_topology(recipe: Recipe, env=None) -> Topology:
             f"training.on_nonfinite_loss=skip works with DDP only; under DeepSpeed ({strategy}) the gradients are "
             f"already reduced into ZeRO buffers when the loss is known: use on_nonfinite_loss=error"
         )
+    check_fsdp(strategy, recipe.training)
     ds_config = deepspeed_config(strategy, batch, recipe.training) if is_deepspeed(strategy) else None
     # Gloo on CPU. Naming the backend explicitly matters: under `accelerate launch --use_deepspeed`
     # on a CPU-only host Accelerate otherwise reports num_processes=1 / process_index=0 on every rank.
@@ -82,10 +86,11 @@ def build_accelerator(recipe: Recipe, topology: Topology):
     # Accelerate would otherwise refuse a full DeepSpeed config next to those fields.
     os.environ.pop("ACCELERATE_CONFIG_DS_FIELDS", None)
     plugin = DeepSpeedPlugin(hf_ds_config=topology.deepspeed_config) if topology.deepspeed_config else None
+    fsdp = fsdp_plugin(topology.strategy) if is_fsdp(topology.strategy) else None
     precision = {"fp32": "no", "bf16": "bf16", "fp16": "fp16"}[recipe.training.precision]
     distributed = "LOCAL_RANK" in os.environ or launched_world_size() > 1
-    if plugin is not None and not distributed:
-        # A single plain process under DeepSpeed: give it the one-rank environment a launcher would.
+    if (plugin is not None or fsdp is not None) and not distributed:
+        # A single plain process under DeepSpeed or FSDP: give it the one-rank environment a launcher would.
         _single_rank_env()
         distributed = True
     handlers = []
@@ -98,12 +103,16 @@ def build_accelerator(recipe: Recipe, topology: Topology):
     accelerator = Accelerator(
         mixed_precision=precision,
         deepspeed_plugin=plugin,
+        fsdp_plugin=fsdp,
         # Accelerate's cpu=True path (MULTI_CPU) skips DeepSpeed's own process-group setup, so it is
-        # only used for DDP; DeepSpeed on a CPU host runs with cpu=False and an explicit gloo backend.
+        # only used for DDP and FSDP (adopt_on_cpu below); DeepSpeed on a CPU host runs with cpu=False
+        # and an explicit gloo backend.
         cpu=not torch.cuda.is_available() and plugin is None,
         kwargs_handlers=handlers,
         dynamo_backend="inductor" if recipe.training.compile else "no",
     )
+    if fsdp is not None and not torch.cuda.is_available():
+        adopt_on_cpu(accelerator, fsdp)
     check_topology(accelerator)
     return accelerator
 

@@ -7,12 +7,13 @@ from pathlib import Path
 
 import torch
 
+from .fsdp import is_fsdp_model, restore_full_state_dict
 from .outputs import replace_dir_atomic
 
 
 def full_state_dict(accelerator, model) -> dict | None:
-    """The complete weights on CPU: on every rank for DDP/ZeRO-0/1/2, on rank 0 only under ZeRO-3.
-    A collective under ZeRO-3: every rank must call it."""
+    """The complete weights on CPU: on every rank for DDP/ZeRO-0/1/2, on rank 0 only under ZeRO-3
+    and FSDP (empty elsewhere). A collective under ZeRO-3 and FSDP: every rank must call it."""
     state = accelerator.get_state_dict(model)
     if state is None:
         return None
@@ -23,9 +24,18 @@ def is_zero3(model) -> bool:
     return bool(getattr(model, "zero_optimization_partition_weights", lambda: False)())
 
 
+def forward_gathers_weights(model) -> bool:
+    """True when every forward pass is a collective (ZeRO-3 or FSDP gather the weight shards): all
+    ranks must run the same number of forwards, and generation must be synced across ranks."""
+    return is_zero3(model) or is_fsdp_model(model)
+
+
 def restore_state_dict(accelerator, model, state: dict | None) -> None:
     """Load (possibly partial) weights, keyed like the live module, into the model; a collective
-    under ZeRO-3."""
+    under ZeRO-3 and FSDP."""
+    if is_fsdp_model(model):
+        restore_full_state_dict(model, state)
+        return
     module = accelerator.unwrap_model(model)
     if is_zero3(model):
         import deepspeed
@@ -81,7 +91,7 @@ def export_pretrained(accelerator, model, tokenizer, target: Path, recipe, task,
 
 
 def count_parameters(model) -> tuple[int, int]:
-    """(trainable, total); under ZeRO-3 uses the full (not partitioned) sizes."""
+    """(trainable, total); under ZeRO-3 and FSDP the full (not partitioned) sizes."""
     trainable = total = 0
     for param in model.parameters():
         numel = getattr(param, "ds_numel", None) or param.numel()

@@ -18,15 +18,18 @@ from pathlib import Path
 from ..errors import LauncherError, TopologyError
 from ..plan import (
     DEEPSPEED_STAGES,
+    FSDP_RESHARD_AFTER_FORWARD,
     BatchPlan,
     MemoryEstimate,
     check_accelerate_accumulation,
     check_accelerate_clipping,
     check_accelerate_precision,
     check_accelerate_zero3_export,
+    check_fsdp,
     deepspeed_config,
     format_bytes,
     is_deepspeed,
+    is_fsdp,
     memory_estimate,
     resolve_batch,
     resolve_strategy,
@@ -147,6 +150,13 @@ def _env_view(config: dict) -> dict[str, str]:
             env["ACCELERATE_DEEPSPEED_CONFIG_FILE"] = str(ds["deepspeed_config_file"])
         if ds.get("gradient_accumulation_steps") not in (None, "", 1, "1"):
             env["ACCELERATE_GRADIENT_ACCUMULATION_STEPS"] = str(ds["gradient_accumulation_steps"])
+    if str(config.get("distributed_type", "")).endswith("FSDP"):
+        fsdp = config.get("fsdp_config") or {}
+        env["ACCELERATE_USE_FSDP"] = "true"
+        env["FSDP_VERSION"] = str(fsdp.get("fsdp_version", 1))
+        for key in ("reshard_after_forward", "offload_params", "activation_checkpointing"):
+            if fsdp.get(f"fsdp_{key}") is not None:
+                env[f"FSDP_{key.upper()}"] = str(fsdp[f"fsdp_{key}"]).lower()
     return env
 
 
@@ -178,6 +188,19 @@ def generated_accelerate_config(strategy: str, precision: str, nodes: int, node_
             "offload_optimizer_device": offload,
             "offload_param_device": offload,
             **({"zero3_init_flag": True, "zero3_save_16bit_model": True} if stage == 3 else {}),
+        }
+    elif is_fsdp(strategy):
+        config["distributed_type"] = "FSDP"
+        # What accelerate would build its plugin from; each rank builds the same plugin from the
+        # recipe (engine/fsdp.py), and checks these against it (plan.fsdp_strategy_from_accelerate_env).
+        config["fsdp_config"] = {
+            "fsdp_version": 2,
+            "fsdp_reshard_after_forward": FSDP_RESHARD_AFTER_FORWARD[strategy],
+            "fsdp_auto_wrap_policy": "TRANSFORMER_BASED_WRAP",
+            "fsdp_state_dict_type": "SHARDED_STATE_DICT",
+            "fsdp_cpu_ram_efficient_loading": False,
+            "fsdp_offload_params": False,
+            "fsdp_activation_checkpointing": False,
         }
     elif world_size > 1:
         config["distributed_type"] = "MULTI_GPU"
@@ -243,6 +266,7 @@ def build_plan(recipe_path: str | Path, overrides: list[str], request: LaunchReq
         raise TopologyError("training.precision=fp16 needs a GPU; on CPU use fp32")
     if is_deepspeed(strategy) and recipe.training.on_nonfinite_loss == "skip":
         raise TopologyError("training.on_nonfinite_loss=skip works with DDP only; use on_nonfinite_loss=error with DeepSpeed")
+    check_fsdp(strategy, recipe.training)
 
     start = decide_start(recipe)
     task = TASKS[recipe.task](recipe)

@@ -492,7 +492,7 @@ class CausalLMSFTTask(Task):
         ]
 
     def _generate(self, model, batch: Batch, accelerator) -> list[str]:
-        from ..engine.weights import is_zero3
+        from ..engine.weights import forward_gathers_weights
 
         tokenizer = self.tokenizer
         lengths = batch["prompt_length"].tolist()
@@ -514,7 +514,7 @@ class CausalLMSFTTask(Task):
         output = module.generate(
             input_ids=ids, attention_mask=mask, max_new_tokens=self.sft.generate_max_new_tokens, do_sample=False,
             pad_token_id=tokenizer.pad_token_id, eos_token_id=sorted(set(eos)) or None,
-            synced_gpus=accelerator.num_processes > 1 and is_zero3(model), **options,
+            synced_gpus=accelerator.num_processes > 1 and forward_gathers_weights(model), **options,
         )
         return [text.strip() for text in tokenizer.batch_decode(output[:, width:], skip_special_tokens=True)]
 

@@ -170,7 +170,7 @@ class Seq2SeqTask(Task):
         """Teacher-forced loss, then generation. Every rank calls this the same number of times (the
         engine's eval sharding); under ZeRO-3 both the forward and each generation step gather the
         partitioned weights from all ranks, so generation is synced across ranks."""
-        from ..engine.weights import is_zero3
+        from ..engine.weights import forward_gathers_weights
 
         tokenizer = self._tokenizer
         if tokenizer is None:
@@ -191,8 +191,8 @@ class Seq2SeqTask(Task):
             num_beams=self.generation.num_beams,
             do_sample=False,
             # A rank whose batch finished early must keep stepping with the others: under ZeRO-3 each
-            # forward gathers weight shards from every rank.
-            synced_gpus=is_zero3(model) and accelerator.num_processes > 1,
+            # forward gathers weight shards from every rank (FSDP likewise).
+            synced_gpus=forward_gathers_weights(model) and accelerator.num_processes > 1,
         )
         sequences = generated[:, 1:].tolist()  # drop the decoder start token
         eos = _eos_ids(generator, tokenizer)
