@@ -157,6 +157,24 @@ def test_zero3_trains_like_ddp_and_generates_in_step(zero3_run, split_runs):
     assert json.loads((zero3_run / "metrics.json").read_text())["test"]["generated"] == 19
 
 
+@pytest.fixture(scope="module")
+def fsdp_run(tmp_path_factory, assets, dialogue_data, isolated_env):
+    return train_run(tmp_path_factory, assets, dialogue_data, isolated_env, "sft-fsdp", 2,
+                     ("--use_fsdp", "--fsdp_version", "2"), micro_batch_size=4)
+
+
+@pytest.mark.slow
+def test_fsdp_trains_like_ddp_and_generates_in_step(fsdp_run, split_runs):
+    """GPT-2 ties its output to its input embeddings (one FSDP unit holds both); generation in the
+    evaluation is synced across ranks, since every forward gathers the weight shards."""
+    assert read_events(fsdp_run, "start")[0]["strategy"] == "fsdp"
+    assert losses(fsdp_run) == pytest.approx(losses(split_runs["4x1x2"]), rel=1e-5)
+    assert_same_weights(weights(split_runs["4x1x2"]), weights(fsdp_run))
+    rows = predictions(fsdp_run)
+    assert len(rows) == 19 and all(isinstance(r["generated"], str) for r in rows)
+    assert [r["generated"] for r in rows] == [r["generated"] for r in predictions(split_runs["4x1x2"])]
+
+
 def _generate_alone(model, tokenizer, prompt: list[dict]) -> str:
     text = tokenizer.apply_chat_template(prompt, add_generation_prompt=True, tokenize=False)
     ids = tokenizer(text, add_special_tokens=False, return_tensors="pt")
@@ -166,13 +184,14 @@ def _generate_alone(model, tokenizer, prompt: list[dict]) -> str:
 
 
 @pytest.mark.slow
-@pytest.mark.parametrize("which", ["8x1x1", "zero3"])
-def test_generations_are_what_the_exported_model_generates(which, split_runs, zero3_run):
-    """Batched, left-padded, (under ZeRO-3 sharded and synced) generation during the run equals generating
-    each prompt alone with the exported model; each row holds id, prompt, reference and generated reply."""
+@pytest.mark.parametrize("which", ["8x1x1", "zero3", "fsdp"])
+def test_generations_are_what_the_exported_model_generates(which, split_runs, request):
+    """Batched, left-padded, (under ZeRO-3 and FSDP sharded and synced) generation during the run equals
+    generating each prompt alone with the exported model; each row holds id, prompt, reference and
+    generated reply."""
     from launcher.finetune import load_exported
 
-    run_dir = zero3_run if which == "zero3" else split_runs[which]
+    run_dir = split_runs[which] if which in split_runs else request.getfixturevalue(f"{which}_run")
     model, tokenizer = load_exported(run_dir / "model")
     rows = predictions(run_dir)
     for row in rows:
