@@ -16,6 +16,10 @@ from .errors import TopologyError
 from .schema import STRATEGIES, TrainingSection
 
 DEEPSPEED_STAGES = {"zero0": 0, "zero1": 1, "zero2": 2, "zero3": 3, "zero3_offload": 3}
+# PyTorch FSDP2 (accelerate's plugin, fsdp_version 2). Both shard gradients and optimizer state; the
+# value says whether a layer's weights are sharded again right after its forward (full shard) or stay
+# whole until its backward is done (SHARD_GRAD_OP: less communication, more memory during the step).
+FSDP_RESHARD_AFTER_FORWARD = {"fsdp": True, "fsdp_grad_op": False}
 
 
 @dataclass(frozen=True)
@@ -98,14 +102,26 @@ class Strategy:
         return self.name == "zero3_offload"
 
     @property
+    def is_fsdp(self) -> bool:
+        return self.name in FSDP_RESHARD_AFTER_FORWARD
+
+    @property
+    def reshard_after_forward(self) -> bool | None:
+        """FSDP2: whether a layer's weights are sharded again right after its forward (None: not FSDP)."""
+        return FSDP_RESHARD_AFTER_FORWARD.get(self.name)
+
+    @property
     def shards_weights(self) -> bool:
         """Each rank holds only a shard of the weights: a forward pass (and every generation step) is a
-        collective, so ranks must step together and exports gather the shards."""
-        return self.zero_stage == 3
+        collective, so ranks must step together and exports gather the shards (ZeRO-3; FSDP2 in both
+        forms keeps only shards between steps)."""
+        return self.zero_stage == 3 or self.is_fsdp
 
 
 def strategy_from_accelerate_env(env: Mapping[str, str]) -> Strategy | None:
     """The strategy an `accelerate launch` config asked for (None if it asked for none)."""
+    if env.get("ACCELERATE_USE_FSDP", "false").lower() == "true":
+        return fsdp_strategy_from_accelerate_env(env)
     if env.get("ACCELERATE_USE_DEEPSPEED", "false").lower() != "true":
         return None
     stage = int(env.get("ACCELERATE_DEEPSPEED_ZERO_STAGE", "2") or 2)
@@ -122,6 +138,28 @@ def strategy_from_accelerate_env(env: Mapping[str, str]) -> Strategy | None:
         f"offload_param_device={offload['param']}; the launcher offers offload as zero3_offload (stage 3, optimizer "
         f"and parameters on cpu): use accelerate_configs/deepspeed_zero3_offload.yaml or remove the offload settings"
     )
+
+
+def fsdp_strategy_from_accelerate_env(env: Mapping[str, str]) -> Strategy:
+    """fsdp or fsdp_grad_op from `accelerate launch --use_fsdp` settings; what the launcher does not
+    offer is refused rather than silently replaced by the recipe's plugin."""
+    version = env.get("FSDP_VERSION", "1")
+    if version != "2":
+        raise TopologyError(
+            f"the accelerate config asks for FSDP version {version}; the launcher runs FSDP2 only: set "
+            f"fsdp_version: 2 in the accelerate config (accelerate launch --fsdp_version 2)"
+        )
+    for variable, key in (("FSDP_OFFLOAD_PARAMS", "fsdp_offload_params"),
+                          ("FSDP_ACTIVATION_CHECKPOINTING", "fsdp_activation_checkpointing")):
+        if env.get(variable, "false").lower() in ("true", "yes", "1"):
+            raise TopologyError(f"the accelerate config sets {key}: true, which the launcher does not offer "
+                                f"with FSDP; remove it (strategies fsdp and fsdp_grad_op keep everything on the device)")
+    given = env.get("FSDP_RESHARD_AFTER_FORWARD", "true")
+    reshard = given.lower()
+    if reshard not in ("true", "false", "yes", "no", "1", "0"):
+        raise TopologyError(f"the accelerate config sets fsdp_reshard_after_forward: {given}; FSDP2 takes true "
+                            f"(strategy fsdp) or false (strategy fsdp_grad_op)")
+    return Strategy("fsdp" if reshard in ("true", "yes", "1") else "fsdp_grad_op")
 
 
 def resolve_strategy(recipe_strategy: str, env: Mapping[str, str] | None = None) -> Strategy:
@@ -142,7 +180,8 @@ def resolve_strategy(recipe_strategy: str, env: Mapping[str, str] | None = None)
         return launched_with or Strategy("ddp")
     if launched_with is not None and launched_with.name != recipe_strategy:
         raise TopologyError(
-            f"distributed.strategy={recipe_strategy} but accelerate was launched with DeepSpeed {launched_with}; "
+            f"distributed.strategy={recipe_strategy} but accelerate was launched with "
+            f"{'DeepSpeed ' if launched_with.is_deepspeed else ''}{launched_with}; "
             f"make them agree (or set distributed.strategy=auto to follow the accelerate config)"
         )
     return Strategy(recipe_strategy)
@@ -192,6 +231,8 @@ def check_launch(training: TrainingSection, strategy: Strategy, batch: BatchPlan
     if strategy.is_deepspeed and training.compile:
         raise TopologyError(f"training.compile works with DDP only, not under DeepSpeed ({strategy}); "
                             f"set training.compile=false")
+    if strategy.is_fsdp and training.compile:
+        raise TopologyError(f"training.compile works with DDP only, not under FSDP ({strategy}); set training.compile=false")
     if strategy.is_deepspeed and training.on_nonfinite_loss == "skip":
         raise TopologyError(
             f"training.on_nonfinite_loss=skip works with DDP only; under DeepSpeed ({strategy}) the gradients are "
@@ -249,7 +290,8 @@ def memory_estimate(num_parameters: int, strategy: Strategy, precision: str, wor
     plus the fp32 master copy of the weights that DeepSpeed keeps in 16-bit training (and, under
     ZeRO-1/2, in fp32 too: its partition is a separate flat copy). DDP and ZeRO-0 keep
     everything on every rank; ZeRO-1 shards the optimizer state, ZeRO-2 also the gradients, ZeRO-3
-    also the weights; offload moves the optimizer state and the weights to host memory."""
+    also the weights; offload moves the optimizer state and the weights to host memory. FSDP2
+    shards gradients and optimizer state, and under `fsdp` (full shard) the weights too."""
     n = num_parameters
     stage = strategy.zero_stage or 0
     sixteen_bit_weights = precision in ("bf16", "fp16") and strategy.is_deepspeed
@@ -265,6 +307,13 @@ def memory_estimate(num_parameters: int, strategy: Strategy, precision: str, wor
         grads /= world_size
     if stage >= 3:
         params /= world_size
+    if strategy.is_fsdp:
+        # FSDP2 steps its fp32 shards in place (no master copy); fsdp_grad_op holds a layer's whole
+        # weights from its forward to its backward, so the step's peak has them all.
+        grads /= world_size
+        optimizer /= world_size
+        if strategy.reshard_after_forward:
+            params /= world_size
     cpu = 0.0
     if strategy.offload:
         cpu = optimizer + params

@@ -17,7 +17,7 @@ from pydantic import BaseModel, ConfigDict, Field, PrivateAttr, create_model, fi
 
 from .metrics import check_metric_names
 
-STRATEGIES = ("auto", "ddp", "zero0", "zero1", "zero2", "zero3", "zero3_offload")
+STRATEGIES = ("auto", "ddp", "zero0", "zero1", "zero2", "zero3", "zero3_offload", "fsdp", "fsdp_grad_op")
 
 
 class Section(BaseModel):
@@ -194,7 +194,9 @@ class DistributedSection(Section):
         description="auto: `launcher run`/`launcher slurm` pick the cheapest strategy whose estimated memory fits each "
         "rank (ddp, zero1, zero2, zero3, zero3 + gradient checkpointing, zero3_offload + checkpointing; see "
         "--memory-per-rank), unless the accelerate config names DeepSpeed, which is then followed; a rank started by "
-        "hand (accelerate launch/torchrun) with auto runs DDP. Or ddp, or DeepSpeed zero0/zero1/zero2/zero3/zero3_offload.",
+        "hand (accelerate launch/torchrun) with auto runs DDP. Or ddp, DeepSpeed zero0/zero1/zero2/zero3/zero3_offload, "
+        "or PyTorch FSDP2: fsdp (weights, gradients and optimizer state sharded) or fsdp_grad_op (gradients and "
+        "optimizer state sharded; weights stay whole from forward to backward).",
     )
     timeout_minutes: float = Field(
         30, gt=0, description="Process-group timeout: how long a collective may wait for a missing rank."

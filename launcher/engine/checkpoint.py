@@ -273,8 +273,15 @@ def check_resumable(state: TrainerState, strategy: str, world_size: int, global_
             f"{global_batch_size}; the data position would not carry over. Keep training.global_batch_size the same "
             f"(set it explicitly to change the world size), or set checkpoint.resume=never / output.overwrite=true"
         )
-    if state.strategy != strategy and "zero" in (state.strategy + strategy):
+    if state.strategy != strategy and any(kind in state.strategy + strategy for kind in ("zero", "fsdp")):
         raise LauncherError(
             f"checkpoint.resume: {directory} was written under {state.strategy}, this run uses {strategy}; "
             f"resume with distributed.strategy={state.strategy}"
+        )
+    if state.world_size != world_size and strategy.startswith("fsdp"):
+        # DeepSpeed's universal checkpoint reshapes ZeRO state; torch.distributed.checkpoint could reshard
+        # FSDP2 state too, but the launcher has not tested it, so it refuses rather than guess.
+        raise LauncherError(
+            f"checkpoint.resume: {directory} holds FSDP state sharded over {state.world_size} ranks (and their "
+            f"random states), this run has {world_size}. Resume with {state.world_size} processes"
         )

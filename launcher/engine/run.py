@@ -48,6 +48,7 @@ from .checkpoint import (
     universal_dir,
 )
 from .evaluate import predict, to_device
+from .fsdp import choose_units
 from .log import RankLog
 from ..files import replace_dir_atomic, write_json_atomic, write_jsonl_atomic, write_text_atomic
 from .outputs import decide_start, output_dir_for, prepare_output_dir
@@ -192,6 +193,7 @@ class FineTuneRun:
             num_warmup_steps=warmup,
             num_training_steps=self.total_steps,
         )
+        choose_units(accelerator, self.model)  # FSDP only
         self.model, self.optimizer = accelerator.prepare(self.model, optimizer)
         self.deepspeed = self.topology.strategy.is_deepspeed
         self.state = TrainerState(world_size=self.world_size, strategy=str(self.topology.strategy),

@@ -12,6 +12,7 @@ import torch
 from ..errors import TopologyError
 from ..plan import BatchPlan, Strategy, check_launch, deepspeed_config, resolve_batch, resolve_strategy
 from ..schema import Recipe
+from .fsdp import adopt_on_cpu, fsdp_plugin
 
 
 @dataclass
@@ -63,10 +64,11 @@ def build_accelerator(recipe: Recipe, topology: Topology, trackers: dict | None 
     # Accelerate would otherwise refuse a full DeepSpeed config next to those fields.
     os.environ.pop("ACCELERATE_CONFIG_DS_FIELDS", None)
     plugin = DeepSpeedPlugin(hf_ds_config=topology.deepspeed_config) if topology.deepspeed_config else None
+    fsdp = fsdp_plugin(topology.strategy) if topology.strategy.is_fsdp else None
     precision = {"fp32": "no", "bf16": "bf16", "fp16": "fp16"}[recipe.training.precision]
     distributed = "LOCAL_RANK" in os.environ or launched_world_size() > 1
-    if plugin is not None and not distributed:
-        # A single plain process under DeepSpeed: give it the one-rank environment a launcher would.
+    if (plugin is not None or fsdp is not None) and not distributed:
+        # A single plain process under DeepSpeed or FSDP: give it the one-rank environment a launcher would.
         _single_rank_env()
         distributed = True
     handlers = []
@@ -79,13 +81,17 @@ def build_accelerator(recipe: Recipe, topology: Topology, trackers: dict | None 
     accelerator = Accelerator(
         mixed_precision=precision,
         deepspeed_plugin=plugin,
+        fsdp_plugin=fsdp,
         # Accelerate's cpu=True path (MULTI_CPU) skips DeepSpeed's own process-group setup, so it is
-        # only used for DDP; DeepSpeed on a CPU host runs with cpu=False and an explicit gloo backend.
+        # only used for DDP and FSDP (adopt_on_cpu below); DeepSpeed on a CPU host runs with cpu=False
+        # and an explicit gloo backend.
         cpu=not torch.cuda.is_available() and plugin is None,
         kwargs_handlers=handlers,
         dynamo_backend="inductor" if recipe.training.compile else "no",
         **(trackers or {}),
     )
+    if fsdp is not None and not torch.cuda.is_available():
+        adopt_on_cpu(accelerator, fsdp)
     check_topology(accelerator)
     return accelerator
 

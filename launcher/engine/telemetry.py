@@ -8,6 +8,7 @@ import time
 import torch
 
 from .. import timing
+from .fsdp import local_tensor
 from .log import RankLog, format_seconds
 
 
@@ -54,8 +55,8 @@ def announce(log: RankLog, *, out_dir, strategy, world_size: int, backend: str, 
 
 def memory_report(module, optimizer, strategy) -> dict:
     """Bytes of model state this rank holds (what the plan's estimate predicts)."""
-    def nbytes(tensors) -> int:
-        return int(sum(t.numel() * t.element_size() for t in tensors if torch.is_tensor(t)))
+    def nbytes(tensors) -> int:  # FSDP parameters and their Adam moments: this rank's shard
+        return int(sum(local_tensor(t).numel() * t.element_size() for t in tensors if torch.is_tensor(t)))
 
     while hasattr(optimizer, "optimizer"):  # accelerate / DeepSpeed wrappers around the torch AdamW
         optimizer = optimizer.optimizer

@@ -10,11 +10,12 @@ import torch
 from .. import model_card
 from ..files import replace_dir_atomic
 from ..finetune import is_peft, read_weights, save_weights, trainable_state
+from .fsdp import is_fsdp_model, restore_full_state_dict
 
 
 def full_state_dict(accelerator, model) -> dict | None:
-    """The complete weights on CPU: on every rank for DDP/ZeRO-0/1/2, on rank 0 only under ZeRO-3.
-    A collective under ZeRO-3: every rank must call it."""
+    """The complete weights on CPU: on every rank for DDP/ZeRO-0/1/2, on rank 0 only under ZeRO-3
+    and FSDP (empty elsewhere). A collective under ZeRO-3 and FSDP: every rank must call it."""
     state = accelerator.get_state_dict(model)
     if state is None:
         return None
@@ -27,7 +28,10 @@ def is_zero3(model) -> bool:
 
 def restore_state_dict(accelerator, model, state: dict | None) -> None:
     """Load (possibly partial) weights, keyed like the live module, into the model; a collective
-    under ZeRO-3."""
+    under ZeRO-3 and FSDP."""
+    if is_fsdp_model(model):
+        restore_full_state_dict(model, state)
+        return
     module = accelerator.unwrap_model(model)
     if is_zero3(model):
         import deepspeed
@@ -83,7 +87,7 @@ def export_pretrained(accelerator, model, tokenizer, target: Path, recipe, task,
 
 
 def count_parameters(model) -> tuple[int, int]:
-    """(trainable, total); under ZeRO-3 uses the full (not partitioned) sizes."""
+    """(trainable, total); under ZeRO-3 and FSDP the full (not partitioned) sizes."""
     trainable = total = 0
     for param in model.parameters():
         numel = getattr(param, "ds_numel", None) or param.numel()

@@ -73,6 +73,13 @@ def env_view(config: dict) -> dict[str, str]:
             env["ACCELERATE_DEEPSPEED_CONFIG_FILE"] = str(ds["deepspeed_config_file"])
         if ds.get("gradient_accumulation_steps") not in (None, "", 1, "1"):
             env["ACCELERATE_GRADIENT_ACCUMULATION_STEPS"] = str(ds["gradient_accumulation_steps"])
+    if str(config.get("distributed_type", "")).endswith("FSDP"):
+        fsdp = config.get("fsdp_config") or {}
+        env["ACCELERATE_USE_FSDP"] = "true"
+        env["FSDP_VERSION"] = str(fsdp.get("fsdp_version", 1))
+        for key in ("reshard_after_forward", "offload_params", "activation_checkpointing"):
+            if fsdp.get(f"fsdp_{key}") is not None:
+                env[f"FSDP_{key.upper()}"] = str(fsdp[f"fsdp_{key}"]).lower()
     return env
 
 
@@ -115,6 +122,19 @@ def generated_config(plan: "LaunchPlan", *, per_node: bool = True) -> dict:
         }
         if plan.nodes > 1:
             config["deepspeed_config"]["deepspeed_multinode_launcher"] = MULTINODE_DEEPSPEED_LAUNCHER
+    elif strategy.is_fsdp:
+        config["distributed_type"] = "FSDP"
+        # What accelerate would build its plugin from; each rank builds the same plugin from the
+        # recipe (engine/fsdp.py), and checks these against it (plan.fsdp_strategy_from_accelerate_env).
+        config["fsdp_config"] = {
+            "fsdp_version": 2,
+            "fsdp_reshard_after_forward": strategy.reshard_after_forward,
+            "fsdp_auto_wrap_policy": "TRANSFORMER_BASED_WRAP",
+            "fsdp_state_dict_type": "SHARDED_STATE_DICT",
+            "fsdp_cpu_ram_efficient_loading": False,
+            "fsdp_offload_params": False,
+            "fsdp_activation_checkpointing": False,
+        }
     elif plan.world_size > 1:
         config["distributed_type"] = "MULTI_GPU"
     else:

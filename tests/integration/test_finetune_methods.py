@@ -158,9 +158,10 @@ def test_lora_merged_export_is_a_plain_model(assets, bases, isolated_env, tmp_pa
         ("adapter", ("--use_deepspeed", "--zero_stage", "2")),
         ("bitfit", ("--use_deepspeed", "--zero_stage", "2")),
         ("lora", ("--use_deepspeed", "--zero_stage", "3")),
+        ("lora", ("--use_fsdp", "--fsdp_version", "2")),
     ],
 )
-def test_methods_under_ddp_and_zero(assets, bases, isolated_env, tmp_path, method, accelerate_args):
+def test_methods_under_ddp_zero_and_fsdp(assets, bases, isolated_env, tmp_path, method, accelerate_args):
     recipe = method_recipe({**assets, "bases": bases}, tmp_path / "run", method)
     recipe["evaluation"] = {"every_epoch": True, "best_metric": "accuracy"}  # best weights: save + restore paths
     path = write_recipe(tmp_path / "recipe.yaml", recipe)

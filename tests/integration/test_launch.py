@@ -107,7 +107,8 @@ def test_every_shipped_config_loads_with_accelerates_own_loader(name):
 
 
 @pytest.mark.slow
-@pytest.mark.parametrize("name", ["multi_gpu.yaml", "deepspeed_zero1.yaml", "deepspeed_zero2.yaml", "deepspeed_zero3.yaml"])
+@pytest.mark.parametrize("name", ["multi_gpu.yaml", "deepspeed_zero1.yaml", "deepspeed_zero2.yaml", "deepspeed_zero3.yaml",
+                                  "fsdp.yaml"])
 def test_cpu_runnable_configs_train(assets, isolated_env, tmp_path, name):
     """Plain `accelerate launch --config_file FILE -m launcher train RECIPE` (2 CPU ranks)."""
     path = write_recipe(tmp_path / "recipe.yaml", toy_recipe_dict(assets, tmp_path / "run", training={"max_steps": 3}))
@@ -119,7 +120,8 @@ def test_cpu_runnable_configs_train(assets, isolated_env, tmp_path, name):
     check_ok(result)
     start = read_events(tmp_path / "run", "start")[0]
     assert start["world_size"] == 2
-    assert start["strategy"] == ("ddp" if name == "multi_gpu.yaml" else name.split("_")[1].split(".")[0])
+    expected = {"multi_gpu.yaml": "ddp", "fsdp.yaml": "fsdp"}.get(name) or name.split("_")[1].split(".")[0]
+    assert start["strategy"] == expected
 
 
 def test_debug_mode_shows_a_decoded_batch_and_runs_every_path(assets, isolated_env, tmp_path):

@@ -23,7 +23,8 @@ pytestmark = pytest.mark.slow
 
 STEPS = 70  # 400 training rows / global batch 8 = 50 steps per epoch: 70 steps cross into epoch 2
 LEARNING_RATE = 3e-3
-ACCELERATE_ARGS = {"ddp": ("--multi_gpu",), "zero2": ("--use_deepspeed", "--zero_stage", "2")}
+ACCELERATE_ARGS = {"ddp": ("--multi_gpu",), "zero2": ("--use_deepspeed", "--zero_stage", "2"),
+                   "fsdp": ("--use_fsdp", "--fsdp_version", "2")}
 
 
 def resume_recipe(assets, out_dir, **training):
@@ -100,6 +101,10 @@ def test_killed_twice_then_resumed_equals_straight_run(straight, assets, isolate
             assert f"resumed from {run_dir / 'checkpoints' / f'step-{resumes_from:08d}'}" in result.stdout
     assert_same_run(straight[strategy], run_dir)
     assert [e["step"] for e in read_events(run_dir, "resume")] == [30, 60]
+    if strategy == "fsdp":  # each rank wrote its own shards (torch.distributed.checkpoint), and read them back
+        for part in ("pytorch_model_fsdp_0", "optimizer_0"):
+            files = sorted(p.name for p in (run_dir / "checkpoints" / "step-00000070" / part).iterdir())
+            assert files == [".metadata", "__0_0.distcp", "__1_0.distcp"], (part, files)
     assert json.loads((run_dir / "status.json").read_text())["state"] == "finished"
 
 

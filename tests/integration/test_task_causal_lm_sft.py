@@ -147,6 +147,24 @@ def test_zero3_trains_like_ddp_and_generates_in_step(zero3_run, split_runs):
     # the generations themselves: test_generations_are_what_the_exported_model_generates
 
 
+@pytest.fixture(scope="module")
+def fsdp_run(tmp_path_factory, assets, dialogue_data, isolated_env):
+    return train_run(tmp_path_factory, assets, dialogue_data, isolated_env, "sft-fsdp", 2,
+                     ("--use_fsdp", "--fsdp_version", "2"), micro_batch_size=4)
+
+
+@pytest.mark.slow
+def test_fsdp_trains_like_ddp_and_generates_in_step(fsdp_run, split_runs):
+    """GPT-2 ties its output to its input embeddings (one FSDP unit holds both); generation in the
+    evaluation is synced across ranks, since every forward gathers the weight shards."""
+    assert read_events(fsdp_run, "start")[0]["strategy"] == "fsdp"
+    assert losses(fsdp_run) == pytest.approx(losses(split_runs["4x1x2"]), rel=1e-5)
+    assert_same_weights(weights(split_runs["4x1x2"]), weights(fsdp_run), KEY_BIAS_ATOL)
+    rows = predictions(fsdp_run)
+    assert len(rows) == 19 and all(isinstance(r["generated"], str) for r in rows)
+    assert [r["generated"] for r in rows] == [r["generated"] for r in predictions(split_runs["4x1x2"])]
+
+
 def _generate_alone(model, tokenizer, prompt: list[dict]) -> str:
     return tokenizer.decode(_generate_ids_alone(model, tokenizer, prompt), skip_special_tokens=True).strip()
 
@@ -162,14 +180,14 @@ def _generate_ids_alone(model, tokenizer, prompt: list[dict]) -> list[int]:
 
 
 @pytest.mark.slow
-@pytest.mark.parametrize("which", ["8x1x1", "zero3"])
-def test_generations_are_what_the_exported_model_generates(which, split_runs, zero3_run):
-    """Batched, left-padded, (under ZeRO-3 sharded and synced) generation during the run equals generating
+@pytest.mark.parametrize("which", ["8x1x1", "zero3", "fsdp"])
+def test_generations_are_what_the_exported_model_generates(which, split_runs, request):
+    """Batched, left-padded, (under ZeRO-3 and FSDP sharded and synced) generation during the run equals generating
     each prompt alone with the exported model in one process, token for token; each row holds id, prompt,
     reference and generated reply."""
     from launcher.finetune import load_exported
 
-    run_dir = zero3_run if which == "zero3" else split_runs[which]
+    run_dir = split_runs[which] if which in split_runs else request.getfixturevalue(f"{which}_run")
     model, tokenizer = load_exported(run_dir / "model")
     rows = predictions(run_dir)
     assert [r["id"] for r in rows] == list(range(19))

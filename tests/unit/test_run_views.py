@@ -10,7 +10,7 @@ from rich.console import Console
 
 from launcher.model_card import CardFacts, load_snippet
 from launcher.progress import Progress
-from launcher.recipe import Recipe
+from launcher.recipe import validate_recipe
 from launcher.report import smoothed
 from launcher.tracking import scalars
 
@@ -65,7 +65,7 @@ def test_smoothing_is_tensorboards_debiased_moving_average():
 
 def facts(method: str, auto="AutoModelForSequenceClassification", merged=False, **recipe) -> CardFacts:
     data = {**MINIMAL, "finetune": {"method": method}, **recipe}
-    return CardFacts(recipe=Recipe.model_validate(data), auto_model_class=auto,
+    return CardFacts(recipe=validate_recipe(data), auto_model_class=auto,
                      model_config={"num_labels": 2, "id2label": {0: "neg", 1: "pos"}}, data={}, plan={}, step=1,
                      example="a fine film", merged=merged)
 
