@@ -110,6 +110,29 @@ def read_events(run_dir: Path, event: str | None = None) -> list[dict]:
     return [e for e in events if event is None or e["event"] == event]
 
 
+# Measured per-step loss gaps (test -> max relative difference), printed at the end of the session:
+# the numbers behind "within 1e-5", for the docs' launch matrix and the closing notes.
+LOSS_GAPS: dict[str, float] = {}
+
+
+def assert_same_losses(candidate: list[float], reference: list[float], rel: float = 1e-5, abs: float | None = None) -> float:
+    """Per-step losses equal within ``rel`` (relative; or ``abs``); records the largest relative gap
+    under the running test."""
+    assert len(candidate) == len(reference) > 0, (len(candidate), len(reference))
+    gap = max(abs(a - b) / max(abs(b), 1e-12) for a, b in zip(candidate, reference))
+    test = os.environ.get("PYTEST_CURRENT_TEST", "?").rsplit(" ", 1)[0]
+    LOSS_GAPS[test] = max(gap, LOSS_GAPS.get(test, 0.0))
+    assert candidate == pytest.approx(reference, rel=rel, abs=abs), f"largest relative gap {gap:.2e} > {rel:.0e}"
+    return gap
+
+
+def pytest_terminal_summary(terminalreporter):
+    if LOSS_GAPS:
+        terminalreporter.section("per-step loss gaps (largest relative difference to the reference run)")
+        for test, gap in sorted(LOSS_GAPS.items()):
+            terminalreporter.write_line(f"{gap:9.2e}  {test}")
+
+
 def losses(run_dir: Path) -> list[float]:
     """The per-step training losses a run logged (log_every 1)."""
     return [e["loss"] for e in read_events(run_dir, "train")]
