@@ -115,14 +115,14 @@ def read_events(run_dir: Path, event: str | None = None) -> list[dict]:
 LOSS_GAPS: dict[str, float] = {}
 
 
-def assert_same_losses(candidate: list[float], reference: list[float], rel: float = 1e-5, abs: float | None = None) -> float:
-    """Per-step losses equal within ``rel`` (relative; or ``abs``); records the largest relative gap
+def assert_same_losses(candidate: list[float], reference: list[float], rel: float = 1e-5, atol: float | None = None) -> float:
+    """Per-step losses equal within ``rel`` (relative; or ``atol`` absolute); records the largest relative gap
     under the running test."""
     assert len(candidate) == len(reference) > 0, (len(candidate), len(reference))
     gap = max(abs(a - b) / max(abs(b), 1e-12) for a, b in zip(candidate, reference))
     test = os.environ.get("PYTEST_CURRENT_TEST", "?").rsplit(" ", 1)[0]
     LOSS_GAPS[test] = max(gap, LOSS_GAPS.get(test, 0.0))
-    assert candidate == pytest.approx(reference, rel=rel, abs=abs), f"largest relative gap {gap:.2e} > {rel:.0e}"
+    assert candidate == pytest.approx(reference, rel=rel, abs=atol), f"largest relative gap {gap:.2e} > {rel:.0e}"
     return gap
 
 

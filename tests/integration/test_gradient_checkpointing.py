@@ -66,7 +66,7 @@ def test_checkpointing_gives_the_same_losses_on_one_process(one_process_runs):
     assert read_events(plain, "start")[0]["gradient_checkpointing"] is False
     assert read_events(checkpointed, "start")[0]["gradient_checkpointing"] is True
     assert len(losses(plain)) == STEPS
-    assert_same_losses(losses(checkpointed), losses(plain), rel=1e-5, abs=1e-5)
+    assert_same_losses(losses(checkpointed), losses(plain), rel=1e-5, atol=1e-5)
     assert len(set(losses(plain))) == STEPS  # the steps differ: a real comparison, not of a constant
 
 
@@ -81,7 +81,7 @@ def test_auto_chooses_zero3_with_checkpointing_and_every_rank_runs_it(two_rank_r
     # ZeRO-3 + checkpointing on 2 ranks trains exactly as DDP without checkpointing (dropout on)
     ddp_dir, _ = two_rank_runs["ddp"]
     assert read_events(ddp_dir, "start")[0]["gradient_checkpointing"] is False
-    assert_same_losses(losses(run_dir), losses(ddp_dir), rel=1e-5, abs=1e-5)
+    assert_same_losses(losses(run_dir), losses(ddp_dir), rel=1e-5, atol=1e-5)
 
 
 @pytest.mark.parametrize("method", ["lora", "adapter"])
@@ -94,4 +94,4 @@ def test_checkpointing_with_parameter_efficient_methods(tmp_path_factory, assets
         assert read_events(run_dir, "start")[0]["finetune_method"] == method
     plain, checkpointed = (losses(run_dir) for run_dir in runs)
     assert read_events(runs[1], "start")[0]["gradient_checkpointing"] is True
-    assert checkpointed == pytest.approx(plain, rel=1e-5, abs=1e-5) and len(set(plain)) == 3
+    assert checkpointed == pytest.approx(plain, rel=1e-5, atol=1e-5) and len(set(plain)) == 3
