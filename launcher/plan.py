@@ -9,7 +9,9 @@ from __future__ import annotations
 import importlib.util
 import math
 import os
+import shutil
 from dataclasses import asdict, dataclass
+from pathlib import Path
 from typing import Mapping
 
 from .errors import TopologyError
@@ -228,6 +230,11 @@ def check_launch(training: TrainingSection, strategy: Strategy, batch: BatchPlan
     if strategy.is_deepspeed and importlib.util.find_spec("deepspeed") is None:
         raise TopologyError(f"distributed.strategy={strategy} needs DeepSpeed, which is not installed; "
                             f"pip install deepspeed, or use strategy ddp")
+    if strategy.offload and not cuda:
+        missing = cpu_adam_unbuildable()
+        if missing:
+            raise TopologyError(f"distributed.strategy={strategy} needs DeepSpeed's CPU Adam, which is not built and "
+                                f"cannot be built here ({missing}); install it, or use zero3")
     if strategy.is_deepspeed and training.compile:
         raise TopologyError(f"training.compile works with DDP only, not under DeepSpeed ({strategy}); "
                             f"set training.compile=false")
@@ -238,6 +245,22 @@ def check_launch(training: TrainingSection, strategy: Strategy, batch: BatchPlan
             f"training.on_nonfinite_loss=skip works with DDP only; under DeepSpeed ({strategy}) the gradients are "
             f"already reduced into ZeRO buffers when the loss is known: use on_nonfinite_loss=error"
         )
+
+
+def cpu_adam_unbuildable() -> str | None:
+    """Why DeepSpeed's CPU Adam (the optimizer of zero3_offload) cannot be used here, or None. DeepSpeed
+    compiles it on first use (torch's JIT extensions: ninja and a C++ compiler; minutes, once per machine,
+    cached under TORCH_EXTENSIONS_DIR) unless it was built at install time (DS_BUILD_CPU_ADAM=1)."""
+    spec = importlib.util.find_spec("deepspeed")
+    if spec is None:
+        return "DeepSpeed is not installed"
+    for location in spec.submodule_search_locations or []:
+        if any((Path(location) / "ops" / "adam").glob("cpu_adam*.so")):
+            return None  # prebuilt
+    compiler = os.environ.get("CXX", "c++")
+    absent = [tool for tool, found in (("ninja", shutil.which("ninja")),
+                                       (f"C++ compiler ({compiler})", shutil.which(compiler))) if not found]
+    return "no " + ", no ".join(absent) + " to compile it" if absent else None
 
 
 def deepspeed_config(strategy: Strategy, batch: BatchPlan, training: TrainingSection) -> dict:

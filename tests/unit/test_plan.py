@@ -128,3 +128,19 @@ def test_disabled_clipping_is_written_as_zero():
     # DeepSpeed 0.19 clips at 1.0 when the key is absent; "no clipping" must be said explicitly.
     plan = resolve_batch(training(), 1)
     assert deepspeed_config(ZERO2, plan, training(max_grad_norm=0))["gradient_clipping"] == 0.0
+
+
+def test_zero3_offload_is_refused_where_cpu_adam_cannot_be_built(monkeypatch, tmp_path):
+    """zero3_offload's optimizer is DeepSpeed's CPU Adam, compiled on first use: without ninja or a
+    compiler (and no prebuilt op) the plan says so before any process starts; with them it is accepted."""
+    import launcher.plan as plan_module
+
+    batch, training = BatchPlan(8, 1, 1, 8), TrainingSection()
+    check_launch(training, Strategy("zero3_offload"), batch, {}, cuda=False)  # this machine builds it
+    monkeypatch.setattr(plan_module.shutil, "which", lambda tool: None)
+    monkeypatch.setenv("PATH", str(tmp_path))
+    with pytest.raises(TopologyError, match=r"distributed.strategy=zero3_offload needs DeepSpeed's CPU Adam, which is "
+                                            r"not built and cannot be built here \(no ninja, no C\+\+ compiler \(c\+\+\) to compile it\); install it, "
+                                            r"or use zero3"):
+        check_launch(training, Strategy("zero3_offload"), batch, {}, cuda=False)
+    check_launch(training, Strategy("zero3"), batch, {}, cuda=False)
