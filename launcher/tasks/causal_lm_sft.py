@@ -30,6 +30,10 @@ boundaries): no token attends to another conversation. The first token of every 
 unsupervised, so no target crosses a boundary either. The set of examples per optimizer step, the
 targets and their count are exactly those of the unpacked run: the loss and its normalization do
 not change, only the padding goes. Evaluation batches stay unpacked (records are per conversation).
+Cost: with eager/sdpa attention the mask spans the whole row, so attention work grows with
+(micro-batch x length)^2 instead of micro-batch x length^2 (flash attention does only the blocks);
+packing pays where the layers' matmuls and the vocabulary projection dominate, as with short
+conversations (benchmarks/packing.py, docs/performance.md).
 Families verified to honour the restarts (PACKING_MODEL_TYPES) are accepted; any other is refused
 before any work, and so are prompt and prefix tuning (their virtual tokens would be shared by every
 conversation of the row).
