@@ -2,12 +2,13 @@
 tokens/s of the launcher's own optimizer step (FineTuneRun._optimizer_step: collate, forward, the
 task's summed loss, backward, clipping, AdamW) on the ChatterBot conversations
 (recipes/data/chatterbot_english.jsonl, with the settings of recipes/dialogue_chatterbot.yaml: its
-system prompt, max_length 128; micro-batch 8, 4 accumulation steps: global batch 32), with a randomly initialized Llama of SmolLM2-135M's
+system prompt, max_length 128; micro-batch 8, 2 accumulation steps: global batch 16), with a randomly initialized Llama of SmolLM2-135M's
 proportions, scaled down: its vocabulary (49152, tied embeddings), head size 64, 3 query heads per
 key/value head, MLP 8/3 x hidden; by default 3 heads (hidden 192, intermediate 512) and 4 layers
-(SmolLM2-135M: 9 heads, hidden 576, 30 layers: --heads 9 --layers 30). fp32 on CPU, 2 threads.
+(SmolLM2-135M: 9 heads, hidden 576, 30 layers: --heads 9 --layers 30). fp32 on CPU, 1 thread (the
+steadiest timing on a shared machine; --threads).
 
-    .venv/bin/python benchmarks/packing.py [--steps 6] [--repeats 3] [--accum 4] [--heads 3] [--layers 4]   # ~3 minutes on 2 cores
+    .venv/bin/python benchmarks/packing.py [--steps 6] [--tries 3] [--accum 2] [--heads 3] [--layers 4]   # ~4 minutes
 
 Three ways, interleaved step by step in one process (one model, one optimizer), so that the load of
 a shared machine hits all alike:
@@ -15,8 +16,10 @@ a shared machine hits all alike:
 - padded, length-grouped: the sampler's length-grouped batches (`group_by_length: true`, as the
   shipped recipe), padded;
 - packed: the random batches again (the same examples, step for step), `sft.packing: true`.
-After one warm-up step of each, the steps are cut into --repeats blocks; per block, real tokens /
-seconds per way and the ratios; medians over blocks. (That packing gives the padded run's losses is
+After one warm-up step of each, every step is run --tries times per way (the ways interleaved, each
+try in a rotated order) and its fastest try kept: load from other processes only ever adds time.
+Each step gives each way's real tokens/s and its ratio to the padded random run's at the same step
+(the packed one on the very same examples); the table shows medians over steps. (That packing gives the padded run's losses is
 what tests/integration/test_sft_packing.py proves; here only speed is measured.) Needs the tokenizer
 from scripts/prepare_dialogue_assets.py (recipes/data/smollm2-tokenizer/).
 """
@@ -59,7 +62,7 @@ def write_model(directory: Path, heads: int, layers: int) -> Path:
     return directory
 
 
-def recipe(model: Path, out: Path, steps: int, accum: int = 4) -> dict:
+def recipe(model: Path, out: Path, steps: int, accum: int = 2) -> dict:
     return {
         "name": "packing-bench", "task": "causal_lm_sft",
         "model": {"name_or_path": str(model)},
@@ -76,8 +79,9 @@ def recipe(model: Path, out: Path, steps: int, accum: int = 4) -> dict:
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--steps", type=int, default=6, help="timed optimizer steps per way (after one warm-up step each)")
-    parser.add_argument("--accum", type=int, default=4, help="micro-batches of 8 per optimizer step")
-    parser.add_argument("--repeats", type=int, default=3, help="blocks the timed steps are cut into")
+    parser.add_argument("--tries", type=int, default=3, help="times each step is run per way (the fastest counts)")
+    parser.add_argument("--threads", type=int, default=1)
+    parser.add_argument("--accum", type=int, default=2, help="micro-batches of 8 per optimizer step")
     parser.add_argument("--heads", type=int, default=3, help="query heads (a multiple of 3); hidden = 64 x heads")
     parser.add_argument("--layers", type=int, default=4)
     args = parser.parse_args()
@@ -91,7 +95,7 @@ def main() -> int:
     from launcher.recipe import validate_recipe
     from launcher.sampling import rank_micro_batches
 
-    torch.set_num_threads(2)
+    torch.set_num_threads(args.threads)
     work = Path(tempfile.mkdtemp(prefix="packing-bench-"))
     model = write_model(work / "model", args.heads, args.layers)
     run = FineTuneRun(validate_recipe(recipe(model, work / "run", args.steps + 1, args.accum)))
@@ -109,37 +113,40 @@ def main() -> int:
         for step in range(args.steps + 1):
             chosen = {"padded, random batches": next(random_batches), "padded, length-grouped": next(grouped_batches)}
             chosen["packed"] = chosen["padded, random batches"]
-            order = WAYS[step % 3:] + WAYS[:step % 3]  # rotate who goes first
-            for way in order:
-                run.task.sft.packing = way == "packed"
+            fastest = {way: float("inf") for way in WAYS}
+            for attempt in range(args.tries if step > 0 else 1):  # the first step of each way warms up
+                shift = (step + attempt) % 3
+                for way in WAYS[shift:] + WAYS[:shift]:  # rotate who goes first
+                    run.task.sft.packing = way == "packed"
+                    started = time.perf_counter()
+                    run._optimizer_step(chosen[way])
+                    fastest[way] = min(fastest[way], time.perf_counter() - started)
+            if step == 0:
+                continue
+            for way in WAYS:
                 micro_batches = chosen[way]
-                real = sum(int(lengths[i]) for mb in micro_batches for i in mb)
-                width = [int(lengths[mb].max()) * len(mb) if way != "packed" else int(lengths[mb].sum())
-                         for mb in micro_batches]
-                started = time.perf_counter()
-                run._optimizer_step(micro_batches)
-                elapsed = time.perf_counter() - started
-                if step > 0:  # the first step of each way warms up
-                    seconds[way].append(elapsed)
-                    tokens[way].append(real)
-                    fed[way].append(sum(width))
+                seconds[way].append(fastest[way])
+                tokens[way].append(sum(int(lengths[i]) for mb in micro_batches for i in mb))
+                fed[way].append(sum(int(lengths[mb].max()) * len(mb) if way != "packed" else int(lengths[mb].sum())
+                                    for mb in micro_batches))
     finally:
         run.close()
-    blocks = [range(i * args.steps // args.repeats, (i + 1) * args.steps // args.repeats) for i in range(args.repeats)]
+    rates = {way: [t / sec for t, sec in zip(tokens[way], seconds[way])] for way in WAYS}
 
-    def rate(way, block):
-        return sum(tokens[way][i] for i in block) / sum(seconds[way][i] for i in block)
+    def median_ratio(way, base):
+        return statistics.median(a / b for a, b in zip(rates[way], rates[base]))
 
     print(f"\nChatterBot, SmolLM2-shaped Llama (hidden {64 * args.heads}, {args.layers} layers, vocab 49152), "
-          f"micro-batch 8 x {args.accum} accumulation, {args.steps} optimizer steps per way interleaved, medians of {args.repeats} blocks\n")
+          f"micro-batch 8 x {args.accum} accumulation, {args.threads} thread(s), {args.steps} optimizer steps per way, "
+          f"fastest of {args.tries} interleaved tries each, medians over steps\n")
     print("| way | real tokens/s | tokens fed | padding | vs padded random | vs padded grouped |")
     print("|---|---|---|---|---|---|")
     for way in WAYS:
-        vs_random = statistics.median(rate(way, b) / rate("padded, random batches", b) for b in blocks)
-        vs_grouped = statistics.median(rate(way, b) / rate("padded, length-grouped", b) for b in blocks)
         padding = 1 - sum(tokens[way]) / sum(fed[way])
-        print(f"| {way} | {statistics.median(rate(way, b) for b in blocks):.0f} | {sum(fed[way])} | {padding:.0%} | "
-              f"{vs_random:.2f}x | {vs_grouped:.2f}x |")
+        print(f"| {way} | {statistics.median(rates[way]):.0f} | {sum(fed[way])} | {padding:.0%} | "
+              f"{median_ratio(way, 'padded, random batches'):.2f}x | {median_ratio(way, 'padded, length-grouped'):.2f}x |")
+    same = [a / b for a, b in zip(rates["packed"], rates["padded, random batches"])]
+    print(f"\npacked / padded on the same examples, per step: {', '.join(f'{r:.2f}' for r in same)}")
     return 0
 
 
