@@ -27,6 +27,7 @@ from scripts/prepare_dialogue_assets.py (recipes/data/smollm2-tokenizer/).
 from __future__ import annotations
 
 import argparse
+import shutil
 import statistics
 import sys
 import tempfile
@@ -43,8 +44,6 @@ WAYS = ("padded, random batches", "padded, length-grouped", "packed")
 
 
 def write_model(directory: Path, heads: int, layers: int) -> Path:
-    import shutil
-
     import torch
     from transformers import AutoTokenizer, LlamaConfig, LlamaForCausalLM
 
@@ -131,6 +130,7 @@ def main() -> int:
                                     for mb in micro_batches))
     finally:
         run.close()
+        shutil.rmtree(work, ignore_errors=True)
     rates = {way: [t / sec for t, sec in zip(tokens[way], seconds[way])] for way in WAYS}
 
     def median_ratio(way, base):
