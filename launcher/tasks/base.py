@@ -153,6 +153,11 @@ class Task:
     def collate(self, rows: dict[str, list], tokenizer) -> Batch:
         raise NotImplementedError
 
+    def collate_train(self, rows: dict[str, list], tokenizer) -> Batch:
+        """One training micro-batch. The same as ``collate`` unless the task packs its training rows
+        (causal_lm_sft with ``sft.packing``); evaluation always uses ``collate``."""
+        return self.collate(rows, tokenizer)
+
     def model_inputs(self, batch: Batch) -> dict:
         raise NotImplementedError
 

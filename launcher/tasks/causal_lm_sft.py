@@ -19,8 +19,24 @@ exactly the tokenization of the conversation.
 Length: a conversation longer than ``data.max_length`` tokens is cut there (its end is lost) and
 counted; one with no supervised token left (or no assistant turn at all) is dropped and counted.
 The counts are logged when the data is prepared, appear in the start event's ``dropped``, and in
-every evaluation's metrics (``truncated`` for that split, ``data`` for all splits). Packing several
-conversations into one row is not implemented: every row is one conversation, padded per batch.
+every evaluation's metrics (``truncated`` for that split, ``data`` for all splits).
+
+Packing (``sft.packing: true``): each training micro-batch - the same examples the sampler gives it
+without packing - becomes one row, its conversations end to end with no padding, and ``position_ids``
+restarting at 0 at every conversation. No attention mask is passed, so transformers' mask builder
+(masking_utils.find_packed_sequence_indices) reads the restarts and builds a block-diagonal causal
+mask for eager and sdpa attention (flash attention takes the same position ids as varlen
+boundaries): no token attends to another conversation. The first token of every conversation is
+unsupervised, so no target crosses a boundary either. The set of examples per optimizer step, the
+targets and their count are exactly those of the unpacked run: the loss and its normalization do
+not change, only the padding goes. Evaluation batches stay unpacked (records are per conversation).
+Cost: with eager/sdpa attention the mask spans the whole row, so attention work grows with
+(micro-batch x length)^2 instead of micro-batch x length^2 (flash attention does only the blocks);
+packing pays where the layers' matmuls and the vocabulary projection dominate, as with short
+conversations (benchmarks/packing.py, docs/performance.md).
+Families verified to honour the restarts (PACKING_MODEL_TYPES) are accepted; any other is refused
+before any work, and so are prompt and prefix tuning (their virtual tokens would be shared by every
+conversation of the row).
 
 Loss: cross-entropy summed over supervised tokens; ``count_targets`` counts them, so the engine's
 normalization makes the update the mean over every supervised token of the global batch, whatever
@@ -58,6 +74,11 @@ from .base import Batch, Record, Task, load_pretrained_config, pad_columns
 ROLES = ("system", "user", "assistant")
 IGNORE = -100
 LABEL_VERSION = 1  # part of the data cache key: bump when the supervision rule changes
+# Model families whose transformers 5 code builds the causal mask with masking_utils.create_causal_mask
+# from position_ids (so restarts become a block-diagonal mask); each is checked packed == unpacked in
+# tests/unit/test_sft_packing.py. Add a family here only together with that test.
+PACKING_MODEL_TYPES = ("gpt2", "llama", "mistral", "qwen2", "qwen3")
+PACKING_REFUSED_METHODS = ("prompt_tuning", "prefix_tuning")
 
 
 # ---------------------------------------------------------------------------------------------
@@ -207,6 +228,12 @@ class SFTSection(Section):
         0, ge=0, description="Greedily generate up to this many tokens for the last assistant turn of every test "
         "conversation and write them to predictions/test.jsonl next to the reference reply; 0: no generation."
     )
+    packing: bool = Field(
+        False, description="Padding-free training: each micro-batch's conversations are concatenated into one "
+        "row, position ids restarting at 0 per conversation, attention kept inside each conversation. Same "
+        "examples per step, same loss (to float rounding), less padding. Model families: gpt2, llama, mistral, "
+        "qwen2, qwen3; not with finetune.method prompt_tuning / prefix_tuning. Evaluation is not packed."
+    )
 
 
 class CausalLMSFTTask(Task):
@@ -244,6 +271,11 @@ class CausalLMSFTTask(Task):
             raise RecipeError(
                 "evaluation.best_metric=perplexity with greater_is_better=true would keep the worst model; "
                 "drop greater_is_better (lower perplexity wins by default)"
+            )
+        if self.sft.packing and recipe.finetune.method in PACKING_REFUSED_METHODS:
+            raise RecipeError(
+                f"sft.packing: finetune.method={recipe.finetune.method} adds virtual tokens once per row, which "
+                f"every packed conversation would share; set sft.packing=false or use another method (lora, full)"
             )
         if recipe.model.gguf_file and recipe.model.tokenizer is None:
             raise ModelError(
@@ -344,6 +376,18 @@ class CausalLMSFTTask(Task):
 
         return encode
 
+    def check_limits(self) -> None:
+        super().check_limits()
+        if not self.sft.packing:
+            return
+        model_type = getattr(self.model_config(), "model_type", None)
+        if model_type not in PACKING_MODEL_TYPES:
+            raise ModelError(
+                f"sft.packing: {model_type} models are not verified to keep packed conversations apart (position "
+                f"ids restarting per conversation); set sft.packing=false (packing works for "
+                f"{', '.join(PACKING_MODEL_TYPES)})"
+            )
+
     # ---- model --------------------------------------------------------------------------
     def model_config(self):
         if not self.recipe.model.gguf_file:
@@ -385,7 +429,16 @@ class CausalLMSFTTask(Task):
             batch[key] = torch.tensor(rows[key], dtype=torch.long)
         return batch
 
+    def collate_train(self, rows: dict[str, list], tokenizer) -> Batch:
+        if not self.sft.packing:
+            return self.collate(rows, tokenizer)
+        return pack_rows(rows)
+
     def model_inputs(self, batch: Batch) -> dict:
+        if "position_ids" in batch:
+            # No attention mask and no cache: that is what makes transformers derive the block-diagonal
+            # mask from the position-id restarts (masking_utils._preprocess_mask_arguments).
+            return {"input_ids": batch["input_ids"], "position_ids": batch["position_ids"], "use_cache": False}
         return {"input_ids": batch["input_ids"], "attention_mask": batch["attention_mask"]}
 
     def count_targets(self, batch: Batch) -> torch.Tensor:
@@ -490,6 +543,21 @@ class CausalLMSFTTask(Task):
                 "truncated": r["truncated"],
             })
         return rows
+
+
+def pack_rows(rows: dict[str, list]) -> Batch:
+    """A micro-batch as one padding-free row: conversations end to end, ``position_ids`` restarting at
+    0 per conversation (what marks the boundaries), ``attention_mask`` all ones (real tokens, for the
+    throughput counts; not passed to the model). Not padded to a multiple: there is no padding."""
+    batch: Batch = {
+        "input_ids": torch.tensor([[t for ids in rows["input_ids"] for t in ids]], dtype=torch.long),
+        "labels": torch.tensor([[t for labels in rows["labels"] for t in labels]], dtype=torch.long),
+        "position_ids": torch.tensor([[p for ids in rows["input_ids"] for p in range(len(ids))]], dtype=torch.long),
+    }
+    batch["attention_mask"] = torch.ones_like(batch["input_ids"])
+    for key in ("example_id", "truncated", "prompt_length", "reply_turn", "generate"):
+        batch[key] = torch.tensor(rows[key], dtype=torch.long)
+    return batch
 
 
 def _show(tokenizer, ids: list[int], supervised: bool) -> str:
