@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import json
-import math
 import os
 import socket
 import subprocess
@@ -120,7 +119,7 @@ def assert_same_losses(candidate: list[float], reference: list[float], rel: floa
     """Per-step losses equal within ``rel`` (relative; or ``atol`` absolute); records the largest relative gap
     under the running test."""
     assert len(candidate) == len(reference) > 0, (len(candidate), len(reference))
-    gap = max(math.fabs(a - b) / max(math.fabs(b), 1e-12) for a, b in zip(candidate, reference))  # `abs` is the parameter
+    gap = max(abs(a - b) / max(abs(b), 1e-12) for a, b in zip(candidate, reference))
     test = os.environ.get("PYTEST_CURRENT_TEST", "?").rsplit(" ", 1)[0]
     LOSS_GAPS[test] = max(gap, LOSS_GAPS.get(test, 0.0))
     assert candidate == pytest.approx(reference, rel=rel, abs=atol), f"largest relative gap {gap:.2e} > {rel:.0e}"
