@@ -120,7 +120,7 @@ def test_container_option_renders_pyxis_srun(assets, isolated_env, tmp_path):
     interpreter is the image's (this machine's venv does not exist in there). Rendered, not run: this
     machine has no enroot/pyxis."""
     path = write_recipe(tmp_path / "recipe.yaml", slurm_recipe(assets, tmp_path / "run"))
-    check_ok(render(path, isolated_env, "--nodes", "2", "--gpus-per-node", "8", "--container-image",
+    check_ok(render(path, isolated_env, "--nodes", "2", "--gpus-per-node", "8", "--memory-per-rank", "80GiB", "--container-image",
                     "nvcr.io/nvidia/pytorch:24.05-py3", "--container-python", "python3", "training.global_batch_size=64"))
     script = (tmp_path / "run" / "job.sbatch").read_text()
     srun = script[script.index("srun "):script.index("bash -c ")]
