@@ -254,8 +254,12 @@ def chromium():
     if found is None:
         if os.geteuid() != 0:
             pytest.skip("chromium is not installed and installing it (apt-get install chromium) needs root")
-        install = subprocess.run(["apt-get", "install", "-y", "chromium"], capture_output=True, text=True, timeout=900,
-                                 env=dict(os.environ, DEBIAN_FRONTEND="noninteractive"))
+        env = dict(os.environ, DEBIAN_FRONTEND="noninteractive")
+        install = subprocess.run(["apt-get", "install", "-y", "chromium"], capture_output=True, text=True, timeout=900, env=env)
+        if install.returncode != 0:  # a fresh machine has no package lists yet (as tests/slurm/start_cluster.sh)
+            subprocess.run(["apt-get", "update"], capture_output=True, text=True, timeout=900, env=env)
+            install = subprocess.run(["apt-get", "install", "-y", "chromium"], capture_output=True, text=True,
+                                     timeout=900, env=env)
         assert install.returncode == 0, install.stdout[-2000:] + install.stderr[-2000:]
         found = shutil.which("chromium")
     return found
