@@ -11,11 +11,13 @@ from __future__ import annotations
 
 import hashlib
 import json
+from types import SimpleNamespace
 
 import pytest
 import torch
 from conftest import assert_same_losses, check_ok, read_events, run_launcher, toy_recipe_dict, write_recipe
 from safetensors.torch import load_file
+from test_multinode import two_nodes
 
 pytestmark = pytest.mark.slow
 
@@ -95,6 +97,7 @@ def straight(tmp_path_factory, assets, isolated_env):
 @pytest.mark.parametrize("strategy", ["zero2", "zero3"])
 def test_zero_checkpoint_resumes_exactly_on_another_world_size(straight, assets, isolated_env, tmp_path,
                                                                strategy, saved_on, resumed_on):
+    """ZeRO-3's 1 -> 2 case resumes on 2 (loopback) nodes, the others on one node."""
     path = write_recipe(tmp_path / "recipe.yaml", elastic_recipe(assets, tmp_path / "run"))
     checkpoints = tmp_path / "run" / "checkpoints"
     crashed = launch(path, isolated_env, strategy, saved_on, fault="0:13")
@@ -108,8 +111,13 @@ def test_zero_checkpoint_resumes_exactly_on_another_world_size(straight, assets,
         assert launch(path, isolated_env, strategy, resumed_on, fault="0:15").returncode != 0
         marker = checkpoints / f"{CHECKPOINT}.universal" / "converted_from.json"
         first_conversion = tree_digest(marker.parent), marker.stat().st_mtime_ns
-    resumed = launch(path, isolated_env, strategy, resumed_on)
-    check_ok(resumed)
+    if strategy == "zero3" and resumed_on == 2:
+        outputs = two_nodes(path, isolated_env, "--strategy", strategy)
+        resumed = SimpleNamespace(stdout=outputs[0][0])  # node 0 holds global rank 0, which reports
+        assert "2 node(s) x 1 process(es) = 2" in " ".join(outputs[1][0].split())
+    else:
+        resumed = launch(path, isolated_env, strategy, resumed_on)
+        check_ok(resumed)
     universal = checkpoints / f"{CHECKPOINT}.universal"
     assert f"resumed from {checkpoints / CHECKPOINT} at step 10" in resumed.stdout
     assert (f"written by {saved_on} process(es), this run has {resumed_on}: loading ZeRO state through its "
