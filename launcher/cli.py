@@ -14,6 +14,7 @@ from . import faults
 from .engine.eval import run_evaluation
 from .engine.run import run_training
 from .errors import EXIT_FAILURE, EXIT_OK, HubModelUnavailable, LauncherError, StopRequested, TrainingError
+from .launch.continual import is_continual, run_continual
 from .launch.debug import run_debug
 from .launch.local import execute, print_plan
 from .launch.plan import LaunchRequest, build_plan
@@ -164,6 +165,8 @@ def cmd_run(args) -> int:
                             main_address=args.main_address, main_port=args.main_port,
                             strategy=args.strategy, config_file=args.config_file, dry_run=args.dry_run,
                             memory_per_rank=args.memory_per_rank)
+    if is_continual(args.recipe, args.overrides):
+        return run_continual(args.recipe, args.overrides, request, dry_run=args.dry_run)
     plan = build_plan(args.recipe, args.overrides, request)
     return execute(plan, dry_run=args.dry_run)
 

@@ -131,6 +131,9 @@ def build_plan(recipe_path: str | Path, overrides: list[str], request: LaunchReq
     if request.strategy:
         overrides.append(f"distributed.strategy={request.strategy}")
     recipe = load_recipe(recipe_path, overrides)
+    if recipe.continual is not None:
+        raise LauncherError("continual: a recipe with stages runs stage after stage with `launcher run RECIPE` on "
+                            "this machine; launcher slurm and launcher sweep do not run continual recipes")
     check_trackers(recipe)
     device, gpus = detect_device()
     device = request.device or device
