@@ -327,6 +327,21 @@ class ReplaySettings(Section):
     seed: int = Field(0, description="Seed of the buffer's choice: the buffer is a pure function of the seed and the data.")
 
 
+class ContinualEwcSettings(Section):
+    weight: float = Field(gt=0, description="The penalty weight lambda in lambda/2 * sum F (theta - theta*)^2.")
+    fisher_samples: int = Field(200, gt=0, description="Training examples of the previous stage the diagonal "
+                                "Fisher is averaged over (a seeded choice; all of them if fewer).")
+
+
+class EwcSection(Section):
+    """Elastic weight consolidation for one run: written by a continual run for its stages after the first;
+    usable by hand with a file from `launcher fisher`."""
+
+    fisher: str = Field(description="A file written by `launcher fisher`: the diagonal Fisher F and the anchor "
+                        "weights theta* (the model it was computed on), per parameter.")
+    weight: float = Field(gt=0, description="lambda: the loss gets lambda/2 * sum F (theta - theta*)^2.")
+
+
 class ContinualStage(Section):
     name: str = Field(description="Stage name; its run is <output.dir>/stages/<index>-<name>.")
     data: dict[str, Any] = Field(description="This stage's `data:` keys over the recipe's own `data:` (train is "
@@ -356,11 +371,13 @@ class ContinualSection(Section):
     the union of the stages' label sets in stage order, fixed before the first stage (one head, sized for all)."""
 
     stages: list[ContinualStage] = Field(min_length=2, description="The stages, in training order.")
-    strategy: Literal["naive", "replay"] = Field(
+    strategy: Literal["naive", "replay", "ewc"] = Field(
         "naive", description="naive: plain sequential fine-tuning (the baseline); replay: rehearse a buffer of "
-        "earlier stages' training examples (`replay:`)."
+        "earlier stages' training examples (`replay:`); ewc: elastic weight consolidation (`ewc:`)."
     )
     replay: ReplaySettings | None = Field(None, description="Replay buffer settings (strategy replay).")
+    ewc: ContinualEwcSettings | None = Field(None, description="EWC settings (strategy ewc): the penalty pulls each "
+                                             "stage towards the previous stage's weights, by their Fisher information.")
     metric: str = Field("accuracy", description="The metric of the forgetting matrix.")
 
     @model_validator(mode="after")
@@ -373,6 +390,10 @@ class ContinualSection(Section):
             raise ValueError("strategy replay needs continual.replay (at least buffer_size)")
         if self.strategy != "replay" and self.replay is not None:
             raise ValueError(f"continual.replay is set but strategy is {self.strategy}; remove replay: or set strategy: replay")
+        if self.strategy == "ewc" and self.ewc is None:
+            raise ValueError("strategy ewc needs continual.ewc (at least weight)")
+        if self.strategy != "ewc" and self.ewc is not None:
+            raise ValueError(f"continual.ewc is set but strategy is {self.strategy}; remove ewc: or set strategy: ewc")
         return self
 
 
@@ -444,6 +465,7 @@ class Recipe(Section):
     continual: ContinualSection | None = Field(
         None, description="Continual learning: train `stages` one after another (`launcher run`; see docs/continual.md)."
     )
+    ewc: EwcSection | None = Field(None, description="An EWC penalty for this run (set by continual runs; see docs/continual.md).")
 
     _source: Path | None = PrivateAttr(None)  # the recipe file, for paths relative to it
 

@@ -30,6 +30,7 @@ import numpy as np
 import yaml
 
 from ..data import load_validated_splits
+from ..engine.ewc import FISHER_FILE
 from ..engine.outputs import output_dir_for, recipe_differences
 from ..errors import EXIT_FAILURE, EXIT_OK, EXIT_STOPPED, LauncherError
 from ..files import write_json_atomic, write_text_atomic
@@ -81,6 +82,9 @@ class ContinualRun:
                   f"data.labels={json.dumps(self.labels)}", f"output.dir={json.dumps(str(stage.run_dir))}"]
         if stage.index > 0:
             result.append(f"model.name_or_path={json.dumps(str(self.stages[stage.index - 1].export))}")
+        if training and self.settings.strategy == "ewc" and stage.index > 0:
+            result += [f"ewc.fisher={json.dumps(str(fisher_dir(stage) / FISHER_FILE))}",
+                       f"ewc.weight={self.settings.ewc.weight}"]
         if training and self.settings.strategy == "replay" and stage.index > 0:
             replay_dir = stage.run_dir / "replay"
             result += [f"data.train={json.dumps(str(replay_dir / 'train.jsonl'))}", "data.max_train_samples=null",
@@ -96,6 +100,7 @@ class ContinualRun:
         return {"recipe": str(self.recipe_path), "overrides": self.base_overrides, "directory": str(self.directory),
                 "strategy": self.settings.strategy, "labels": self.labels,
                 "replay": self.settings.replay.model_dump() if self.settings.replay else None,
+                "ewc": self.settings.ewc.model_dump() if self.settings.ewc else None,
                 "stages": [{"index": s.index, "name": s.name, "run_dir": str(s.run_dir)} for s in self.stages]}
 
 
@@ -302,6 +307,10 @@ def _run_stage(run: ContinualRun, stage: Stage, request: LaunchRequest, finished
         print(f"\n=== continual stage {stage.index} of {len(run.stages)}: {stage.name} ===", flush=True)
         if run.settings.strategy == "replay" and stage.index > 0:
             print(write_replay_files(run, stage), flush=True)
+        if run.settings.strategy == "ewc" and stage.index > 0:
+            code = _fisher(run, stage)
+            if code != EXIT_OK:
+                return code
         plan = build_plan(run.recipe_path, run.overrides(stage), request)
         if plan.main_port is not None and request.main_port is None:
             plan = replace(plan, main_port=free_port())
@@ -318,6 +327,27 @@ def _run_stage(run: ContinualRun, stage: Stage, request: LaunchRequest, finished
         code = _evaluate(run, stage, seen)
         if code != EXIT_OK:
             return code
+    return EXIT_OK
+
+
+def fisher_dir(stage: Stage) -> Path:
+    return stage.run_dir / "ewc"
+
+
+def _fisher(run: ContinualRun, stage: Stage) -> int:
+    """The previous stage's Fisher (on its own training data, at its export), unless already on record."""
+    previous = run.stages[stage.index - 1]
+    if (fisher_dir(stage) / FISHER_FILE).is_file():
+        return EXIT_OK
+    command = [sys.executable, "-m", "launcher", "fisher", str(run.recipe_path), *run.overrides(previous, training=False),
+               "--checkpoint", str(previous.export), "--output", str(fisher_dir(stage)),
+               "--samples", str(run.settings.ewc.fisher_samples)]
+    print(f"--- ewc: the Fisher of {previous.name}'s model on its training data", flush=True)
+    code = subprocess.run(command).returncode
+    if code != EXIT_OK:
+        print(f"continual: the Fisher of stage {previous.index} failed (exit {code}); run the same command again "
+              f"to retry", file=sys.stderr)
+        return code if code == 2 else EXIT_FAILURE
     return EXIT_OK
 
 

@@ -48,7 +48,9 @@ def write(tmp_path, recipe) -> str:
 # ---- the section's checks ------------------------------------------------------------------------
 
 @pytest.mark.parametrize("change, message", [
-    (lambda c: c.update(strategy="forget"), "continual.strategy: Input should be 'naive' or 'replay'"),
+    (lambda c: c.update(strategy="forget"), "continual.strategy: Input should be 'naive', 'replay' or 'ewc'"),
+    (lambda c: c.update(ewc={"weight": 1.0}), "continual.ewc is set but strategy is naive"),
+    (lambda c: c.update(strategy="ewc"), "strategy ewc needs continual.ewc (at least weight)"),
     (lambda c: c["stages"][1]["data"].pop("train"), "stage 'topic' has no data.train; each stage trains on its own data"),
     (lambda c: c.update(replay={"buffer_size": 10}), "continual.replay is set but strategy is naive"),
     (lambda c: c.update(strategy="replay"), "strategy replay needs continual.replay (at least buffer_size)"),
@@ -169,3 +171,66 @@ def test_dry_run_plans_the_first_stage_and_writes_nothing(assets, tmp_path, topi
     assert "shared label space (4): negative, positive, music, other" in out
     assert f"{tmp_path / 'run' / 'stages' / '0-sentiment'}" in out
     assert not (tmp_path / "run").exists()
+
+
+# ---- ewc -----------------------------------------------------------------------------------------
+
+def test_ewc_penalty_is_zero_at_the_anchor_and_equals_a_hand_computation(tmp_path):
+    import torch
+    from safetensors.torch import save_file
+
+    from launcher.engine.ewc import load_terms, penalty
+
+    torch.manual_seed(0)
+    model = torch.nn.Linear(3, 2)
+    fisher = {name: torch.rand_like(p) for name, p in model.named_parameters()}
+    tensors = {f"fisher.{n}": f for n, f in fisher.items()}
+    tensors.update({f"anchor.{n}": p.detach().clone() for n, p in model.named_parameters()})
+    save_file(tensors, str(tmp_path / "fisher.safetensors"))
+    terms = load_terms(tmp_path / "fisher.safetensors", model)
+    assert penalty(terms, weight=100.0).item() == 0.0
+    with torch.no_grad():
+        model.weight += torch.tensor([[0.1, 0.0, -0.2], [0.0, 0.3, 0.0]])
+        model.bias -= torch.tensor([0.5, 0.0])
+    hand = 0.5 * 100.0 * (fisher["weight"][0, 0] * 0.1 ** 2 + fisher["weight"][0, 2] * 0.2 ** 2
+                          + fisher["weight"][1, 1] * 0.3 ** 2 + fisher["bias"][0] * 0.5 ** 2)
+    value = penalty(terms, weight=100.0)
+    assert value.item() == pytest.approx(hand.item(), rel=1e-6)
+    value.backward()  # its gradient: lambda F (theta - theta*)
+    assert model.bias.grad.tolist() == pytest.approx([100.0 * fisher["bias"][0].item() * -0.5, 0.0], rel=1e-6)
+
+
+def test_ewc_file_of_another_model_is_refused(tmp_path):
+    import torch
+    from safetensors.torch import save_file
+
+    from launcher.engine.ewc import load_terms
+
+    save_file({"fisher.weight": torch.ones(2, 2), "anchor.weight": torch.ones(2, 2)}, str(tmp_path / "f.safetensors"))
+    with pytest.raises(LauncherError, match=r"has no Fisher of shape \(2, 3\) for parameter weight; it was computed on another model"):
+        load_terms(tmp_path / "f.safetensors", torch.nn.Linear(3, 2))
+    with pytest.raises(LauncherError, match="not found; write it with launcher fisher"):
+        load_terms(tmp_path / "missing.safetensors", torch.nn.Linear(3, 2))
+
+
+def test_fisher_examples_are_split_across_ranks_without_overlap():
+    from launcher.engine.ewc import fisher_indices
+
+    alone = fisher_indices(50, 20, seed=3, world_size=1, rank=0)
+    shards = [fisher_indices(50, 20, seed=3, world_size=3, rank=r) for r in range(3)]
+    assert len(alone) == 20 and sorted(i for shard in shards for i in shard) == alone
+    assert fisher_indices(5, 20, seed=3, world_size=1, rank=0) == [0, 1, 2, 3, 4]
+
+
+def test_ewc_stage_gets_the_previous_stage_fisher_and_sharded_weights_are_refused(assets, tmp_path, topic_dir, capsys):
+    recipe = continual_recipe(assets, tmp_path, topic_dir, strategy="ewc", ewc={"weight": 50.0, "fisher_samples": 10})
+    path = write(tmp_path, recipe)
+    run = make_continual(path, [])
+    second = load_recipe(path, run.overrides(run.stages[1]))
+    assert second.ewc.fisher == str(tmp_path / "run" / "stages" / "1-topic" / "ewc" / "fisher.safetensors")
+    assert second.ewc.weight == 50.0 and load_recipe(path, run.overrides(run.stages[0])).ewc is None
+    assert main(["run", path, "--strategy", "zero3", "--dry-run"]) == 0  # the first stage has no penalty
+    capsys.readouterr()
+    with pytest.raises(LauncherError, match="ewc: distributed.strategy zero3 shards the weights across ranks"):
+        build_plan(path, run.overrides(run.stages[0]) + [f"ewc.fisher={tmp_path}/f", "ewc.weight=1"],
+                   LaunchRequest(strategy="zero3"))
