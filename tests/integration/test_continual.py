@@ -14,7 +14,8 @@ import time
 
 import pytest
 from assets import write_toy_topic_csv
-from conftest import REPO, assert_same_losses, check_ok, losses, read_events, toy_recipe_dict, write_recipe
+import torch
+from conftest import BIN, REPO, assert_same_losses, check_ok, free_port, losses, read_events, toy_recipe_dict, write_recipe
 
 NO_DROPOUT = {"hidden_dropout_prob": 0.0, "attention_probs_dropout_prob": 0.0}
 REPLAY_FILES = ("buffer.jsonl", "train.jsonl", "validation.jsonl", "test.jsonl")
@@ -122,3 +123,69 @@ def test_replay_run_resumes_mid_stage_and_two_ranks_equal_one(assets, isolated_e
         assert_same_losses(losses(two / "stages" / stage), losses(one / "stages" / stage))
     two_result = json.loads((two / "metrics.json").read_text())["continual"]
     assert two_result["matrix"] == matrix
+
+
+def fisher_distance(fisher_file, model_dir) -> float:
+    """sum F (theta - theta*)^2 of an exported model against a `launcher fisher` file."""
+    from safetensors.torch import load_file
+
+    tensors, weights = load_file(str(fisher_file)), load_file(str(model_dir / "model.safetensors"))
+    return sum(float((tensors[f"fisher.{n}"] * (weights[n] - tensors[f"anchor.{n}"]) ** 2).sum())
+               for n in weights if f"fisher.{n}" in tensors)
+
+
+@pytest.mark.slow
+def test_ewc_run_holds_the_fisher_weighted_distance_and_two_rank_fisher_equals_one(assets, isolated_env, tmp_path):
+    topic = tmp_path / "topic"
+    write_toy_topic_csv(topic / "train.csv", 80, seed=1)
+    write_toy_topic_csv(topic / "test.csv", 21, seed=2)
+    recipe = toy_recipe_dict(
+        assets, tmp_path / "ewc",
+        model={"name_or_path": assets["model"], "config_overrides": NO_DROPOUT},
+        training={"max_steps": 6, "log_every": 1},
+        evaluation={"micro_batch_size": 32},
+    )
+    recipe["data"] = {"max_length": 32}
+    recipe["continual"] = {
+        "strategy": "ewc", "ewc": {"weight": 1.0e4, "fisher_samples": 40},
+        "stages": [
+            {"name": "sentiment", "data": {"train": assets["train"], "validation": assets["validation"],
+                                           "test": assets["test"]}},
+            {"name": "topic", "data": {"train": str(topic / "train.csv"), "test": str(topic / "test.csv"),
+                                       "validation_size": 0.1, "text_column": "sentence", "label_column": "topic"}},
+        ],
+    }
+    path = write_recipe(tmp_path / "recipe.yaml", recipe)
+    first, second = tmp_path / "ewc" / "stages" / "0-sentiment", tmp_path / "ewc" / "stages" / "1-topic"
+    result = subprocess.run(run_command(path), env=isolated_env, cwd=REPO, capture_output=True, text=True, timeout=900)
+    check_ok(result)
+    fisher_file = second / "ewc" / "fisher.safetensors"
+    assert "ewc: the Fisher of sentiment's model on its training data" in result.stdout
+    assert json.loads((tmp_path / "ewc" / "metrics.json").read_text())["continual"]["strategy"] == "ewc"
+
+    # The same stage trained without the penalty (its recipe, ewc removed) moves further in the directions the
+    # Fisher says matter for the first stage.
+    naive = tmp_path / "naive-topic"
+    plain = subprocess.run([sys.executable, "-m", "launcher", "train", str(second / "recipe.yaml"), "ewc=null",
+                            f"output.dir={naive}"], env=isolated_env, cwd=REPO, capture_output=True, text=True, timeout=900)
+    check_ok(plain)
+    held, free = fisher_distance(fisher_file, second / "model"), fisher_distance(fisher_file, naive / "model")
+    assert held < 0.5 * free, (held, free)
+
+    # The Fisher on 2 ranks (each its share of the examples, all-reduced) equals the one-process Fisher.
+    from safetensors.torch import load_file
+
+    from launcher.launch.continual import make_continual
+
+    run = make_continual(path, [])
+    two = tmp_path / "fisher-2"
+    command = [str(BIN / "accelerate"), "launch", "--num_processes", "2", "--num_machines", "1", "--mixed_precision",
+               "no", "--dynamo_backend", "no", "--main_process_port", str(free_port()), "-m", "launcher", "fisher",
+               str(path), *run.overrides(run.stages[0], training=False), "--checkpoint", str(first / "model"),
+               "--output", str(two), "--samples", "40"]
+    check_ok(subprocess.run(command, env=isolated_env, cwd=REPO, capture_output=True, text=True, timeout=900))
+    one_rank, two_ranks = load_file(str(fisher_file)), load_file(str(two / "fisher.safetensors"))
+    assert sorted(one_rank) == sorted(two_ranks)
+    for name, tensor in one_rank.items():
+        assert torch.allclose(two_ranks[name], tensor, rtol=1e-5, atol=1e-12), name
+    assert any(float(t.abs().sum()) > 0 for n, t in one_rank.items() if n.startswith("fisher."))
