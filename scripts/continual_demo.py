@@ -34,7 +34,7 @@ TRAIN_CAP, TEST_CAP = 60, 20  # utterances per category: small enough for 2 shar
 SETTINGS = {
     "naive": [],
     "replay": ["continual.replay.buffer_size=200", "continual.replay.ratio=0.2", "continual.replay.seed=0"],
-    "ewc": ["continual.ewc.weight=5000", "continual.ewc.fisher_samples=300"],
+    "ewc": ["continual.ewc.weight=1000000", "continual.ewc.fisher_samples=300"],
 }
 
 
