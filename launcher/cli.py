@@ -12,8 +12,10 @@ from pathlib import Path
 
 from . import faults
 from .engine.eval import run_evaluation
+from .engine.ewc import run_fisher
 from .engine.run import run_training
 from .errors import EXIT_FAILURE, EXIT_OK, HubModelUnavailable, LauncherError, StopRequested, TrainingError
+from .launch.continual import is_continual, run_continual
 from .launch.debug import run_debug
 from .launch.local import execute, print_plan
 from .launch.plan import LaunchRequest, build_plan
@@ -137,6 +139,15 @@ def build_parser() -> argparse.ArgumentParser:
     evaluate.add_argument("--split", default="test", choices=["train", "validation", "test"], help="which split (default test)")
     evaluate.add_argument("--output", type=Path, help="where to write <split>.json and predictions (default <output.dir>/eval)")
 
+    fisher = sub.add_parser(
+        "fisher", help="the diagonal Fisher of an exported model on the recipe's training split, for an ewc: penalty "
+        "(per rank under accelerate launch, all-reduced)",
+    )
+    _add_recipe_args(fisher)
+    fisher.add_argument("--checkpoint", type=Path, required=True, help="a model directory exported by the launcher")
+    fisher.add_argument("--output", type=Path, required=True, help="directory for fisher.safetensors (F and the anchor weights)")
+    fisher.add_argument("--samples", type=int, default=200, help="training examples to average over (default 200)")
+
     check = sub.add_parser("check", help="validate a recipe and print it fully resolved")
     _add_recipe_args(check)
 
@@ -164,6 +175,8 @@ def cmd_run(args) -> int:
                             main_address=args.main_address, main_port=args.main_port,
                             strategy=args.strategy, config_file=args.config_file, dry_run=args.dry_run,
                             memory_per_rank=args.memory_per_rank)
+    if is_continual(args.recipe, args.overrides):
+        return run_continual(args.recipe, args.overrides, request, dry_run=args.dry_run)
     plan = build_plan(args.recipe, args.overrides, request)
     return execute(plan, dry_run=args.dry_run)
 
@@ -251,6 +264,14 @@ def cmd_eval(args) -> int:
     return EXIT_OK
 
 
+def cmd_fisher(args) -> int:
+    import_heavy_libraries()
+    if args.samples < 1:
+        raise LauncherError(f"--samples {args.samples}: give at least 1")
+    run_fisher(args.recipe, args.overrides, args.checkpoint, args.output, args.samples)
+    return EXIT_OK
+
+
 def cmd_check(args) -> int:
     recipe = load_recipe(args.recipe, args.overrides)
     try:
@@ -273,7 +294,7 @@ def cmd_schema(args) -> int:
 
 
 COMMANDS = {"train": cmd_train, "eval": cmd_eval, "run": cmd_run, "debug": cmd_debug, "slurm": cmd_slurm, "sweep": cmd_sweep,
-            "check": cmd_check, "schema": cmd_schema, "report": cmd_report}
+            "check": cmd_check, "fisher": cmd_fisher, "schema": cmd_schema, "report": cmd_report}
 
 
 def _rank_prefix() -> str:

@@ -319,6 +319,84 @@ class OutputSection(Section):
         return self
 
 
+class ReplaySettings(Section):
+    buffer_size: int = Field(gt=0, description="Examples kept from earlier stages' training splits (an equal share "
+                             "per earlier stage, chosen by `seed`).")
+    ratio: float = Field(0.2, gt=0, lt=1, description="Share of each later stage's training set drawn from the "
+                         "buffer (so, in expectation, of each global batch): 0.2 = one replayed example in five.")
+    seed: int = Field(0, description="Seed of the buffer's choice: the buffer is a pure function of the seed and the data.")
+
+
+class ContinualEwcSettings(Section):
+    weight: float = Field(gt=0, description="The penalty weight lambda in lambda/2 * sum F (theta - theta*)^2.")
+    fisher_samples: int = Field(200, gt=0, description="Training examples of the previous stage the diagonal "
+                                "Fisher is averaged over (a seeded choice; all of them if fewer).")
+
+
+class EwcSection(Section):
+    """Elastic weight consolidation for one run: written by a continual run for its stages after the first;
+    usable by hand with a file from `launcher fisher`."""
+
+    fisher: str = Field(description="A file written by `launcher fisher`: the diagonal Fisher F and the anchor "
+                        "weights theta* (the model it was computed on), per parameter.")
+    weight: float = Field(gt=0, description="lambda: the loss gets lambda/2 * sum F (theta - theta*)^2.")
+
+
+class ContinualStage(Section):
+    name: str = Field(description="Stage name; its run is <output.dir>/stages/<index>-<name>.")
+    data: dict[str, Any] = Field(description="This stage's `data:` keys over the recipe's own `data:` (train is "
+                                 "required; test or test_size is needed for the forgetting matrix).")
+    training: dict[str, Any] = Field(default_factory=dict, description="This stage's `training:` keys, e.g. `{epochs: 1}`.")
+
+    @field_validator("name")
+    @classmethod
+    def _name_is_a_path_segment(cls, value: str) -> str:
+        if not value or "/" in value or value.startswith("."):
+            raise ValueError("must be a non-empty name without '/' (it becomes a directory name)")
+        return value
+
+    @model_validator(mode="after")
+    def _keys_known(self) -> "ContinualStage":
+        for section, fields in (("data", DataSection.model_fields), ("training", TrainingSection.model_fields)):
+            for key in getattr(self, section):
+                if key not in fields:
+                    raise ValueError(f"{section}.{key}: unknown key{_did_you_mean(key, fields)}")
+        if "train" not in self.data:
+            raise ValueError(f"stage {self.name!r} has no data.train; each stage trains on its own data")
+        return self
+
+
+class ContinualSection(Section):
+    """A sequence of stages trained one after another, one model carried through. The label space is shared:
+    the union of the stages' label sets in stage order, fixed before the first stage (one head, sized for all)."""
+
+    stages: list[ContinualStage] = Field(min_length=2, description="The stages, in training order.")
+    strategy: Literal["naive", "replay", "ewc"] = Field(
+        "naive", description="naive: plain sequential fine-tuning (the baseline); replay: rehearse a buffer of "
+        "earlier stages' training examples (`replay:`); ewc: elastic weight consolidation (`ewc:`)."
+    )
+    replay: ReplaySettings | None = Field(None, description="Replay buffer settings (strategy replay).")
+    ewc: ContinualEwcSettings | None = Field(None, description="EWC settings (strategy ewc): the penalty pulls each "
+                                             "stage towards the previous stage's weights, by their Fisher information.")
+    metric: str = Field("accuracy", description="The metric of the forgetting matrix.")
+
+    @model_validator(mode="after")
+    def _consistent(self) -> "ContinualSection":
+        names = [stage.name for stage in self.stages]
+        repeated = sorted({name for name in names if names.count(name) > 1})
+        if repeated:
+            raise ValueError(f"stage name {repeated[0]!r} is used twice; give each stage its own name")
+        if self.strategy == "replay" and self.replay is None:
+            raise ValueError("strategy replay needs continual.replay (at least buffer_size)")
+        if self.strategy != "replay" and self.replay is not None:
+            raise ValueError(f"continual.replay is set but strategy is {self.strategy}; remove replay: or set strategy: replay")
+        if self.strategy == "ewc" and self.ewc is None:
+            raise ValueError("strategy ewc needs continual.ewc (at least weight)")
+        if self.strategy != "ewc" and self.ewc is not None:
+            raise ValueError(f"continual.ewc is set but strategy is {self.strategy}; remove ewc: or set strategy: ewc")
+        return self
+
+
 # --------------------------------------------------------------------------------------------
 # What the registered tasks offer. Filled by launcher/tasks/__init__.py (tasks import this module,
 # never the other way round).
@@ -384,8 +462,23 @@ class Recipe(Section):
     checkpoint: CheckpointSection = Field(default_factory=CheckpointSection)
     tracking: TrackingSection = Field(default_factory=TrackingSection)
     output: OutputSection = Field(default_factory=OutputSection)
+    continual: ContinualSection | None = Field(
+        None, description="Continual learning: train `stages` one after another (`launcher run`; see docs/continual.md)."
+    )
+    ewc: EwcSection | None = Field(None, description="An EWC penalty for this run (set by continual runs; see docs/continual.md).")
 
     _source: Path | None = PrivateAttr(None)  # the recipe file, for paths relative to it
+
+    @model_validator(mode="before")
+    @classmethod
+    def _first_stage_data(cls, data):
+        # A continual recipe's own data: holds what every stage shares; read alone, it is its first stage's recipe.
+        continual = data.get("continual") if isinstance(data, dict) else None
+        stages = continual.get("stages") if isinstance(continual, dict) else None
+        if isinstance(stages, list) and stages and isinstance(stages[0], dict) and isinstance(stages[0].get("data"), dict):
+            own = data.get("data")
+            data = {**data, "data": {**(own if isinstance(own, dict) else {}), **stages[0]["data"]}}
+        return data
 
     @field_validator("task")
     @classmethod

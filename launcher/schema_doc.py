@@ -39,7 +39,9 @@ def _rows(model: type[BaseModel], prefix: str = "") -> list[str]:
     for name, field in model.model_fields.items():
         sub = _model_in(field.annotation)
         dotted = f"{prefix}{name}"
-        if sub is not None:
+        # A list of items (continual.stages) or a section inside a section (continual.replay) gets a row of its own.
+        listed = sub is not None and (typing.get_origin(field.annotation) is list or bool(prefix))
+        if sub is not None and not listed:
             rows.extend(_rows(sub, dotted + "."))
             continue
         description = (field.description or "").replace("|", "\\|")
@@ -50,6 +52,8 @@ def _rows(model: type[BaseModel], prefix: str = "") -> list[str]:
         if constraints:
             description += f" ({', '.join(constraints)})"
         rows.append(f"| `{dotted}` | {_type_name(field.annotation).replace('|', chr(92) + '|')} | {_default(field)} | {description} |")
+        if listed:
+            rows.extend(_rows(sub, dotted + "."))  # its keys
     return rows
 
 

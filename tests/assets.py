@@ -41,6 +41,24 @@ def write_toy_csv(path: Path, rows: int, seed: int = 0, header=("text", "label")
     return path
 
 
+def write_toy_topic_csv(path: Path, rows: int, seed: int = 0) -> Path:
+    """A second toy task over the same vocabulary (continual learning): does the text mention `music`?
+    Columns `sentence` and `topic` (not the sentiment file's), labels `music` / `other`."""
+    rng = random.Random(seed)
+    words = [w for w in NEUTRAL if w != "music"]
+    path.parent.mkdir(parents=True, exist_ok=True)
+    with path.open("w", newline="", encoding="utf-8") as handle:
+        writer = csv.writer(handle)
+        writer.writerow(["sentence", "topic"])
+        for _ in range(rows):
+            text = [rng.choice(words) for _ in range(rng.randint(3, 8))]
+            label = rng.choice(["music", "other"])
+            if label == "music":
+                text.insert(rng.randrange(len(text) + 1), "music")
+            writer.writerow([" ".join(text), label])
+    return path
+
+
 def write_tiny_bert(directory: Path, seed: int = 0, dropout: float = 0.1) -> Path:
     """A randomly initialised 2-layer BERT over the toy sentiment vocabulary (one word = one token)."""
     return write_word_level_bert(directory, POSITIVE + NEGATIVE + NEUTRAL, seed=seed, dropout=dropout)

@@ -28,7 +28,8 @@ from ..model_card import CardFacts, push_to_hub
 from ..model_io import load_tokenizer
 from ..finetune import apply_method, enable_gradient_checkpointing, export_merged
 from ..plan import total_optimizer_steps
-from ..recipe import recipe_to_yaml
+from ..paths import resolve_path
+from ..recipe import recipe_base_dir, recipe_to_yaml
 from ..report import write_report
 from ..schema import Recipe
 from ..sampling import rank_micro_batches, steps_per_epoch
@@ -48,6 +49,7 @@ from .checkpoint import (
     universal_dir,
 )
 from .evaluate import predict, to_device
+from .ewc import check_strategy as check_ewc_strategy, load_terms, penalty
 from .fsdp import choose_units
 from .log import RankLog
 from ..files import replace_dir_atomic, write_json_atomic, write_jsonl_atomic, write_text_atomic
@@ -125,6 +127,8 @@ class FineTuneRun:
         recipe = self.recipe
         self.topology = plan_topology(recipe)
         check_trackers(recipe)
+        if recipe.ewc is not None:
+            check_ewc_strategy(self.topology.strategy)
         self.accelerator = accelerator = build_accelerator(recipe, self.topology,
                                                            accelerator_kwargs(recipe, output_dir_for(recipe)))
         self.rank, self.world_size = accelerator.process_index, accelerator.num_processes
@@ -196,6 +200,9 @@ class FineTuneRun:
         choose_units(accelerator, self.model)  # FSDP only
         self.model, self.optimizer = accelerator.prepare(self.model, optimizer)
         self.deepspeed = self.topology.strategy.is_deepspeed
+        # EWC: (parameter, Fisher, anchor) of the module each rank holds whole (checked: no sharded weights).
+        self.ewc_terms = None if recipe.ewc is None else load_terms(
+            resolve_path(recipe.ewc.fisher, recipe_base_dir(recipe)), accelerator.unwrap_model(self.model))
         self.state = TrainerState(world_size=self.world_size, strategy=str(self.topology.strategy),
                                   global_batch_size=batch.global_batch_size)
         if self.start.resume_from is not None:
@@ -343,12 +350,17 @@ class FineTuneRun:
                 outputs = model(**task.model_inputs(batch))
                 loss_sum = task.loss_sum(outputs, batch)
                 loss_sum = faults.nonfinite_loss(loss_sum, self.rank, state.step + 1)
+                loss = loss_sum * scale
+                if self.ewc_terms is not None:
+                    # A share per micro-batch: summed over them, and averaged over ranks (each adds the same), the
+                    # step's gradient gets the penalty's gradient once.
+                    loss = loss + penalty(self.ewc_terms, self.recipe.ewc.weight) / len(host_batches)
                 if self.deepspeed:
                     model.set_gradient_accumulation_boundary(last)
                     # We normalize ourselves; DeepSpeed must not divide by grad_accum_steps again.
-                    model.backward(loss_sum * scale, scale_wrt_gas=False)
+                    model.backward(loss, scale_wrt_gas=False)
                 else:
-                    accelerator.backward(loss_sum * scale)
+                    accelerator.backward(loss)
             step_loss = loss_sum.detach().float() if step_loss is None else step_loss + loss_sum.detach().float()
         if self.recipe.training.on_nonfinite_loss == "skip":
             (total,) = self._sum_over_ranks([float(step_loss)])  # the one per-step sync skip mode needs

@@ -18,6 +18,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from ..data import prepare_data
+from ..engine.ewc import check_strategy as check_ewc_strategy
 from ..engine.outputs import decide_start
 from ..errors import DataError, HubDataUnavailable, LauncherError
 from ..memory import MemoryChoice, Rung, parse_size, rung_estimate
@@ -131,6 +132,9 @@ def build_plan(recipe_path: str | Path, overrides: list[str], request: LaunchReq
     if request.strategy:
         overrides.append(f"distributed.strategy={request.strategy}")
     recipe = load_recipe(recipe_path, overrides)
+    if recipe.continual is not None:
+        raise LauncherError("continual: a recipe with stages runs stage after stage with `launcher run RECIPE` on "
+                            "this machine; launcher slurm and launcher sweep do not run continual recipes")
     check_trackers(recipe)
     device, gpus = detect_device()
     device = request.device or device
@@ -197,6 +201,8 @@ def build_plan(recipe_path: str | Path, overrides: list[str], request: LaunchReq
             overrides.append("training.gradient_checkpointing=true")
             recipe = with_overrides(recipe, ["training.gradient_checkpointing=true"])
         check_launch(recipe.training, strategy, batch, env_view, cuda=device == "cuda")
+    if recipe.ewc is not None:
+        check_ewc_strategy(strategy)
     if recipe.distributed.strategy != strategy.name:
         # One value from the plan to every rank: each rank is told the strategy the plan resolved.
         overrides.append(f"distributed.strategy={strategy}")

@@ -17,11 +17,14 @@ from ..model_io import load_pretrained_model
 from .base import CUT_COLUMN, Batch, Record, Task, load_pretrained_config, pad_columns, truncated_flags
 
 
-def _label_key(value) -> str:
-    # Ints and strings share one namespace: CSV readers turn "1" into 1, YAML keeps "1" a string.
+def label_key(value) -> str:
+    """A label's name. Ints and strings share one namespace: CSV readers turn "1" into 1, YAML keeps "1" a string."""
     if isinstance(value, float) and value.is_integer():
         value = int(value)
     return str(value)
+
+
+_label_key = label_key
 
 
 class SequenceClassificationTask(Task):

@@ -25,7 +25,7 @@ LAYERS: list[tuple[str, tuple[str, ...]]] = [
     ("recipe", ("launcher.recipe", "launcher.schema", "launcher.schema_doc", "launcher.plan", "launcher.memory", "launcher.sampling",
                 "launcher.tracking")),
     ("leaves", ("launcher.errors", "launcher.paths", "launcher.files", "launcher.timing", "launcher.faults",
-                "launcher.metrics", "launcher.squad", "launcher.progress", "launcher.versions")),
+                "launcher.metrics", "launcher.squad", "launcher.progress", "launcher.versions", "launcher.forgetting")),
 ]
 
 

@@ -1,0 +1,191 @@
+"""A continual run end to end (`launcher run` on a recipe with `continual:`): two stages with replay, the
+second stopped mid-stage and resumed (finished stage skipped, buffer unchanged, training continued from the
+checkpoint); the forgetting matrix is made of the real per-stage evaluations; and 2 ranks give the same
+buffer, the same training and the same matrix as 1 process."""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+
+import pytest
+from assets import write_toy_topic_csv
+import torch
+from conftest import BIN, REPO, assert_same_losses, check_ok, free_port, losses, read_events, toy_recipe_dict, write_recipe
+
+NO_DROPOUT = {"hidden_dropout_prob": 0.0, "attention_probs_dropout_prob": 0.0}
+REPLAY_FILES = ("buffer.jsonl", "train.jsonl", "validation.jsonl", "test.jsonl")
+
+
+def run_command(recipe, *args):
+    return [sys.executable, "-m", "launcher", "run", str(recipe), *args]
+
+
+def _wait_for_step(run_dir, step, process, timeout=900):
+    deadline = time.time() + timeout
+    while time.time() < deadline:
+        if process.poll() is not None:
+            out, err = process.communicate()
+            raise AssertionError(f"the run ended (exit {process.returncode}) before {run_dir} step {step}:\n{err[-3000:]}")
+        try:
+            if any(e["step"] >= step for e in read_events(run_dir, "train")):
+                return
+        except (FileNotFoundError, json.JSONDecodeError, KeyError):
+            pass
+        time.sleep(0.2)
+    raise AssertionError(f"{run_dir}: step {step} not reached in {timeout} s")
+
+
+def replay_files(stage_dir) -> dict:
+    return {name: (stage_dir / "replay" / name).read_bytes() for name in REPLAY_FILES}
+
+
+@pytest.mark.slow
+def test_replay_run_resumes_mid_stage_and_two_ranks_equal_one(assets, isolated_env, tmp_path):
+    topic = tmp_path / "topic"
+    write_toy_topic_csv(topic / "train.csv", 120, seed=1)
+    write_toy_topic_csv(topic / "test.csv", 29, seed=2)
+    recipe = toy_recipe_dict(
+        assets, tmp_path / "one",
+        model={"name_or_path": assets["model"], "config_overrides": NO_DROPOUT},
+        training={"max_steps": 6, "log_every": 1, "micro_batch_size": 4, "global_batch_size": 8},
+    )
+    recipe["data"] = {"max_length": 32}
+    recipe["continual"] = {
+        "strategy": "replay", "replay": {"buffer_size": 24, "ratio": 0.2, "seed": 7},
+        "stages": [
+            {"name": "sentiment", "data": {"train": assets["train"], "validation": assets["validation"],
+                                           "test": assets["test"]}},
+            {"name": "topic", "data": {"train": str(topic / "train.csv"), "test": str(topic / "test.csv"),
+                                       "validation_size": 0.1, "text_column": "sentence", "label_column": "topic"},
+             "training": {"max_steps": 8}},
+        ],
+    }
+    path = write_recipe(tmp_path / "recipe.yaml", recipe)
+    one, two = tmp_path / "one", tmp_path / "two"
+    first, second = one / "stages" / "0-sentiment", one / "stages" / "1-topic"
+
+    # 1. Stage 0 runs to the end; stage 1 is asked to stop mid-run (SIGUSR1, as Slurm would).
+    env = dict(isolated_env, LAUNCHER_TEST_STEP_DELAY="0.5")
+    process = subprocess.Popen(run_command(path), env=env, cwd=REPO, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+                               text=True, start_new_session=True)
+    try:
+        _wait_for_step(second, 2, process)
+        process.send_signal(signal.SIGUSR1)
+        out, err = process.communicate(timeout=600)
+    finally:
+        if process.poll() is None:
+            os.killpg(process.pid, signal.SIGKILL)
+            process.wait()
+    assert process.returncode == 75, err[-3000:]
+    assert "continual run stopped at stage 1 (topic); run the same command again to resume" in err
+    stopped = json.loads((second / "status.json").read_text())
+    assert stopped["state"] == "stopped" and 2 <= stopped["step"] < 8
+    buffer_before = replay_files(second)
+    first_metrics = (first / "metrics.json").stat().st_mtime_ns
+
+    # 2. The same command: stage 0 skipped (not trained again), stage 1 resumes from its checkpoint.
+    resumed = subprocess.run(run_command(path), env=isolated_env, cwd=REPO, capture_output=True, text=True, timeout=900)
+    check_ok(resumed)
+    assert "0  sentiment  finished: skipped" in resumed.stdout
+    assert (first / "metrics.json").stat().st_mtime_ns == first_metrics
+    assert [e["step"] for e in read_events(second, "resume")] == [stopped["step"]]
+    assert replay_files(second) == buffer_before  # the same buffer and mixed file after the resume
+    buffer = [json.loads(line) for line in buffer_before["buffer.jsonl"].decode().splitlines()]
+    assert len(buffer) == 24 and {row["stage"] for row in buffer} == {0}
+    train_rows = buffer_before["train.jsonl"].decode().splitlines()
+    assert len(train_rows) == 108 + 24  # 120 - 12 carved for validation, and min(24, 0.2 x 108 / 0.8 = 27) replayed
+
+    # The matrix is the per-stage evaluations: each cell is what `launcher eval` wrote, and the diagonal equals
+    # the stage run's own test accuracy (the same weights on the same split, evaluated twice).
+    result = json.loads((one / "metrics.json").read_text())["continual"]
+    assert result["stages"] == ["sentiment", "topic"] and result["labels"] == ["negative", "positive", "music", "other"]
+    matrix = result["matrix"]
+    for row, cells in zip(matrix, result["cells"]):
+        assert row == [json.loads(open(cell).read())["metrics"]["accuracy"] for cell in cells]
+    assert matrix[0][0] == json.loads((first / "metrics.json").read_text())["test"]["accuracy"]
+    assert matrix[1][1] == json.loads((second / "metrics.json").read_text())["test"]["accuracy"]
+    assert result["average_accuracy"] == pytest.approx((matrix[1][0] + matrix[1][1]) / 2)
+    assert result["average_forgetting"] == pytest.approx(matrix[0][0] - matrix[1][0])
+    assert result["backward_transfer"] == pytest.approx(matrix[1][0] - matrix[0][0])
+    assert "| topic | " in resumed.stdout  # the table is printed
+
+    # 3. Two ranks, uninterrupted: the same buffer, the same training, the same matrix.
+    ranks = subprocess.run(run_command(path, "--nproc", "2", f"output.dir={two}"), env=isolated_env, cwd=REPO,
+                           capture_output=True, text=True, timeout=900)
+    check_ok(ranks)
+    assert replay_files(two / "stages" / "1-topic") == buffer_before
+    for stage in ("0-sentiment", "1-topic"):
+        assert_same_losses(losses(two / "stages" / stage), losses(one / "stages" / stage))
+    two_result = json.loads((two / "metrics.json").read_text())["continual"]
+    assert two_result["matrix"] == matrix
+
+
+def fisher_distance(fisher_file, model_dir) -> float:
+    """sum F (theta - theta*)^2 of an exported model against a `launcher fisher` file."""
+    from safetensors.torch import load_file
+
+    tensors, weights = load_file(str(fisher_file)), load_file(str(model_dir / "model.safetensors"))
+    return sum(float((tensors[f"fisher.{n}"] * (weights[n] - tensors[f"anchor.{n}"]) ** 2).sum())
+               for n in weights if f"fisher.{n}" in tensors)
+
+
+@pytest.mark.slow
+def test_ewc_run_holds_the_fisher_weighted_distance_and_two_rank_fisher_equals_one(assets, isolated_env, tmp_path):
+    topic = tmp_path / "topic"
+    write_toy_topic_csv(topic / "train.csv", 80, seed=1)
+    write_toy_topic_csv(topic / "test.csv", 21, seed=2)
+    recipe = toy_recipe_dict(
+        assets, tmp_path / "ewc",
+        model={"name_or_path": assets["model"], "config_overrides": NO_DROPOUT},
+        training={"max_steps": 6, "log_every": 1},
+        evaluation={"micro_batch_size": 32},
+    )
+    recipe["data"] = {"max_length": 32}
+    recipe["continual"] = {
+        "strategy": "ewc", "ewc": {"weight": 1.0e4, "fisher_samples": 40},
+        "stages": [
+            {"name": "sentiment", "data": {"train": assets["train"], "validation": assets["validation"],
+                                           "test": assets["test"]}},
+            {"name": "topic", "data": {"train": str(topic / "train.csv"), "test": str(topic / "test.csv"),
+                                       "validation_size": 0.1, "text_column": "sentence", "label_column": "topic"}},
+        ],
+    }
+    path = write_recipe(tmp_path / "recipe.yaml", recipe)
+    first, second = tmp_path / "ewc" / "stages" / "0-sentiment", tmp_path / "ewc" / "stages" / "1-topic"
+    result = subprocess.run(run_command(path), env=isolated_env, cwd=REPO, capture_output=True, text=True, timeout=900)
+    check_ok(result)
+    fisher_file = second / "ewc" / "fisher.safetensors"
+    assert "ewc: the Fisher of sentiment's model on its training data" in result.stdout
+    assert json.loads((tmp_path / "ewc" / "metrics.json").read_text())["continual"]["strategy"] == "ewc"
+
+    # The same stage trained without the penalty (its recipe, ewc removed) moves further in the directions the
+    # Fisher says matter for the first stage.
+    naive = tmp_path / "naive-topic"
+    plain = subprocess.run([sys.executable, "-m", "launcher", "train", str(second / "recipe.yaml"), "ewc=null",
+                            f"output.dir={naive}"], env=isolated_env, cwd=REPO, capture_output=True, text=True, timeout=900)
+    check_ok(plain)
+    held, free = fisher_distance(fisher_file, second / "model"), fisher_distance(fisher_file, naive / "model")
+    assert held < 0.5 * free, (held, free)
+
+    # The Fisher on 2 ranks (each its share of the examples, all-reduced) equals the one-process Fisher.
+    from safetensors.torch import load_file
+
+    from launcher.launch.continual import make_continual
+
+    run = make_continual(path, [])
+    two = tmp_path / "fisher-2"
+    command = [str(BIN / "accelerate"), "launch", "--num_processes", "2", "--num_machines", "1", "--mixed_precision",
+               "no", "--dynamo_backend", "no", "--main_process_port", str(free_port()), "-m", "launcher", "fisher",
+               str(path), *run.overrides(run.stages[0], training=False), "--checkpoint", str(first / "model"),
+               "--output", str(two), "--samples", "40"]
+    check_ok(subprocess.run(command, env=isolated_env, cwd=REPO, capture_output=True, text=True, timeout=900))
+    one_rank, two_ranks = load_file(str(fisher_file)), load_file(str(two / "fisher.safetensors"))
+    assert sorted(one_rank) == sorted(two_ranks)
+    for name, tensor in one_rank.items():
+        assert torch.allclose(two_ranks[name], tensor, rtol=1e-5, atol=1e-12), name
+    assert any(float(t.abs().sum()) > 0 for n, t in one_rank.items() if n.startswith("fisher."))
