@@ -149,3 +149,10 @@ def test_the_checker_catches_an_upward_import(tmp_path, monkeypatch, bad, expect
     messages = [f"imports {t} ({LAYERS[layer_of(t)][0]}) {'inside a function' if f else 'at module level'}"
                 for t, _, f in found if layer_of(t) < layer_of(module)]
     assert any(expected in message for message in messages), messages
+
+
+def test_test_modules_have_unique_basenames():
+    """pytest imports test modules by basename (rootdir-relative, no packages): two test_x.py in
+    tests/unit and tests/integration stop the whole session at collection."""
+    names = [p.name for p in (PACKAGE.parent / "tests").rglob("test_*.py")]
+    assert sorted(n for n in set(names) if names.count(n) > 1) == []
