@@ -17,7 +17,7 @@ import json
 import math
 import os
 import tempfile
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 
 import yaml
@@ -420,10 +420,23 @@ def default_output(runs: list[Path]) -> Path:
     return Path(os.path.commonpath([str(Path(r).resolve()) for r in runs])) / REPORT_DIR
 
 
+def distinct_names(data: list[RunData]) -> list[RunData]:
+    """Runs of one recipe (a sweep's points, two attempts) share its name: label them by the shortest
+    end of their paths that tells them apart."""
+    if len({run.name for run in data}) == len(data):
+        return data
+    for depth in range(1, max(len(run.path.parts) for run in data) + 1):
+        labels = ["/".join(run.path.parts[-depth:]) for run in data]
+        if len(set(labels)) == len(labels):
+            return [replace(run, name=label) for run, label in zip(data, labels)]
+    return data
+
+
 def write_report(runs: list[Path], output: Path | None = None) -> Path:
     """Write ``index.html`` for the runs into ``output`` (default: RUN/report, or the runs' common
     parent/report for several) and return its path. The file appears whole or not at all."""
     data = [load_run(Path(run)) for run in runs]
+    data = distinct_names(data)
     directory = Path(output) if output is not None else default_output([Path(r) for r in runs])
     page = render(data)
     directory.mkdir(parents=True, exist_ok=True)

@@ -20,6 +20,7 @@ import yaml
 from ..errors import LauncherError, RecipeError
 from ..files import write_json_atomic, write_text_atomic
 from ..recipe import validate_recipe
+from ..report import write_report
 from ..tasks import TASKS
 
 PLAN_FILE = "sweep.json"
@@ -184,11 +185,16 @@ def write_markdown(summary: SweepSummary) -> Path:
     return path
 
 
-# What `--summary` (and the end of a local sweep) writes. The overlay report of issue #10 hooks in here:
-# append a function that takes the summary and writes e.g. summary.directory / "report.html" from
-# summary.run_dirs, and return its path.
-WRITERS: list[Callable[[SweepSummary], Path]] = [write_json, write_markdown]
+def write_overlay_report(summary: SweepSummary) -> Path | None:
+    """DIR/report/index.html: every started point's curves overlaid and their final metrics side by side
+    (launcher/report.py, as `launcher report RUN RUN ...`)."""
+    started = [run for run in summary.run_dirs if (run / "metrics.jsonl").is_file()]
+    return write_report(started, summary.directory / "report") if started else None
+
+
+# What `--summary` (and the end of a local sweep) writes; another output is one more function here.
+WRITERS: list[Callable[[SweepSummary], Path | None]] = [write_json, write_markdown, write_overlay_report]
 
 
 def write_summary(summary: SweepSummary) -> list[Path]:
-    return [writer(summary) for writer in WRITERS]
+    return [path for path in (writer(summary) for writer in WRITERS) if path is not None]

@@ -311,7 +311,10 @@ def test_report_compares_several_runs(tracked, terminal_run, tmp_path):
                              "--output", str(tmp_path / "compare")], cwd=REPO, capture_output=True, text=True, timeout=300)
     check_ok(result)
     page = (tmp_path / "compare" / "index.html").read_text()
-    assert "Comparison of toy, toy" in page and page.count("<img") == 2  # training and validation, overlaid
+    # both runs are of the recipe `toy`: they are told apart by the ends of their paths
+    first, second = re.search(r"Comparison of ([^,<]+), ([^<]+)<", page).groups()
+    assert first != second and str(tracked["dir"]).endswith(first) and str(terminal_run[0]).endswith(second)
+    assert page.count("<img") == 2  # training and validation, overlaid
     table = page.split("<h2>Final metrics</h2>", 1)[1].split("</table>", 1)[0]
     assert table.count("<tr>") == 3  # header + one row per run
     assert "test/accuracy" in table

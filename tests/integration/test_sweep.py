@@ -114,6 +114,9 @@ def test_local_sweep_stops_resumes_skips_finished_points_and_summarizes(assets, 
     values = [row["best_validation"] for row in summary["points"]]
     assert values == sorted(values, reverse=True)
     assert (directory / "summary.md").read_text().count("| finished |") == 2
+    # ... and the report overlays the points' curves, each point named by its directory (one recipe name)
+    report = (directory / "report" / "index.html").read_text()
+    assert "<img" in report and all(f"<td>{row['name']}</td>" in report for row in summary["points"])
 
     # 4. Once more: nothing left to run; `--summary` prints the same table it wrote.
     third = subprocess.run(sweep_command(recipe, directory), env=isolated_env, cwd=REPO, capture_output=True,

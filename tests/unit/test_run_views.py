@@ -98,3 +98,24 @@ def test_models_without_a_transformers_pipeline_load_with_their_auto_class():
         {"role": "user", "content": "hi"}, {"role": "assistant", "content": "hello"}]})
     assert "pipeline('text-generation'" in load_snippet(chat, "/m")
     assert "[{'role': 'user', 'content': 'hi'}]" in load_snippet(chat, "/m")  # up to the reply it should write
+
+
+def test_runs_of_one_recipe_are_told_apart_by_their_paths():
+    from pathlib import Path
+
+    from launcher.report import distinct_names
+
+    runs = distinct_names([_run(Path("/s/lr=1/run"), "toy"), _run(Path("/s/lr=2/run"), "toy")])
+    assert [r.name for r in runs] == ["lr=1/run", "lr=2/run"]
+    runs = distinct_names([_run(Path("/s/a"), "toy"), _run(Path("/s/b"), "toy")])
+    assert [r.name for r in runs] == ["a", "b"]
+    assert [r.name for r in distinct_names([_run(Path("/x"), "one"), _run(Path("/x"), "two")])] == ["one", "two"]
+
+
+def _run(path, name):
+    from dataclasses import fields
+
+    from launcher.report import RunData
+
+    values = {f.name: None for f in fields(RunData)}
+    return RunData(**{**values, "path": path, "name": name, "events": []})
