@@ -55,8 +55,9 @@ def one_node(tmp_path_factory, assets, isolated_env):
     return root / "run"
 
 
-# zero3_offload: DeepSpeed's CPU Adam compiles on its first use on a machine (minutes, once).
-@pytest.mark.parametrize("strategy", ["ddp", "zero2", "zero3", "zero3_offload", "fsdp"])
+# zero3_offload ran here too (gap 8.6e-8, docs/launch-matrix.md) but is not in the default suite: DeepSpeed
+# compiles its CPU Adam on the first use on a machine (218 s on 2 cores), which every fresh CI machine would pay.
+@pytest.mark.parametrize("strategy", ["ddp", "zero2", "zero3", "fsdp"])
 def test_two_loopback_nodes_train_like_one_node(one_node, tmp_path, assets, isolated_env, strategy):
     path = write_recipe(tmp_path / "recipe.yaml", invariance_recipe(assets, tmp_path / "run", micro_batch_size=4))
     outputs = two_nodes(path, isolated_env, "--strategy", strategy)
