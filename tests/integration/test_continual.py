@@ -45,7 +45,6 @@ def replay_files(stage_dir) -> dict:
 
 
 @pytest.mark.slow
-@pytest.mark.extended
 def test_replay_run_resumes_mid_stage_and_two_ranks_equal_one(assets, isolated_env, tmp_path):
     topic = tmp_path / "topic"
     write_toy_topic_csv(topic / "train.csv", 120, seed=1)
@@ -136,7 +135,6 @@ def fisher_distance(fisher_file, model_dir) -> float:
 
 
 @pytest.mark.slow
-@pytest.mark.extended
 def test_ewc_run_holds_the_fisher_weighted_distance_and_two_rank_fisher_equals_one(assets, isolated_env, tmp_path):
     topic = tmp_path / "topic"
     write_toy_topic_csv(topic / "train.csv", 80, seed=1)

@@ -16,7 +16,7 @@ from conftest import assert_same_losses, assert_same_weights, check_ok, read_eve
 from dialogue_assets import write_dialogue_splits
 from test_task_causal_lm_sft import KEY_BIAS_ATOL, STEPS, losses, sft_recipe, weights
 
-pytestmark = [pytest.mark.slow, pytest.mark.extended]
+pytestmark = pytest.mark.slow
 
 CHECKPOINT = {"every_steps": 2, "keep_last": 3}
 
