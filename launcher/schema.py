@@ -20,6 +20,13 @@ from .metrics import check_metric_names
 STRATEGIES = ("auto", "ddp", "zero0", "zero1", "zero2", "zero3", "zero3_offload", "fsdp", "fsdp_grad_op")
 
 
+def path_segment(value: str) -> str:
+    """A name that becomes a directory name (a recipe's, a continual stage's)."""
+    if not value or "/" in value or value.startswith("."):
+        raise ValueError("must be a non-empty name without '/' (it becomes a directory name)")
+    return value
+
+
 class Section(BaseModel):
     # extra="forbid" is what turns a misspelled key into an error instead of a silent default.
     model_config = ConfigDict(extra="forbid", protected_namespaces=())
@@ -351,9 +358,7 @@ class ContinualStage(Section):
     @field_validator("name")
     @classmethod
     def _name_is_a_path_segment(cls, value: str) -> str:
-        if not value or "/" in value or value.startswith("."):
-            raise ValueError("must be a non-empty name without '/' (it becomes a directory name)")
-        return value
+        return path_segment(value)
 
     @model_validator(mode="after")
     def _keys_known(self) -> "ContinualStage":
@@ -490,9 +495,7 @@ class Recipe(Section):
     @field_validator("name")
     @classmethod
     def _name_is_a_path_segment(cls, value: str) -> str:
-        if not value or "/" in value or value.startswith("."):
-            raise ValueError("must be a non-empty name without '/' (it becomes a directory name)")
-        return value
+        return path_segment(value)
 
     @model_validator(mode="after")
     def _checkpointing_keeps_the_prefix(self) -> "Recipe":
