@@ -7,6 +7,7 @@ import os
 import socket
 import subprocess
 import sys
+import time
 from pathlib import Path
 
 import pytest
@@ -131,6 +132,22 @@ def pytest_terminal_summary(terminalreporter):
         terminalreporter.section("per-step loss gaps (largest relative difference to the reference run)")
         for test, gap in sorted(LOSS_GAPS.items()):
             terminalreporter.write_line(f"{gap:9.2e}  {test}")
+
+
+def wait_for_step(run_dir: Path, step: int, process, timeout: float) -> None:
+    """Wait until a running job (a Popen) has logged training step ``step`` in run_dir; fail if it ends first."""
+    deadline = time.time() + timeout
+    while time.time() < deadline:
+        if process.poll() is not None:
+            out, err = process.communicate()
+            raise AssertionError(f"the job ended (exit {process.returncode}) before {run_dir} step {step}:\n{err[-3000:]}")
+        try:
+            if any(e["step"] >= step for e in read_events(run_dir, "train")):
+                return
+        except (FileNotFoundError, json.JSONDecodeError, KeyError):
+            pass
+        time.sleep(0.2)
+    raise AssertionError(f"{run_dir}: step {step} not reached in {timeout} s")
 
 
 def losses(run_dir: Path) -> list[float]:

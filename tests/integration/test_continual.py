@@ -10,12 +10,11 @@ import os
 import signal
 import subprocess
 import sys
-import time
 
 import pytest
 from assets import write_toy_topic_csv
 import torch
-from conftest import BIN, REPO, assert_same_losses, check_ok, free_port, losses, read_events, toy_recipe_dict, write_recipe
+from conftest import wait_for_step, BIN, REPO, assert_same_losses, check_ok, free_port, losses, read_events, toy_recipe_dict, write_recipe
 
 NO_DROPOUT = {"hidden_dropout_prob": 0.0, "attention_probs_dropout_prob": 0.0}
 REPLAY_FILES = ("buffer.jsonl", "train.jsonl", "validation.jsonl", "test.jsonl")
@@ -26,18 +25,7 @@ def run_command(recipe, *args):
 
 
 def _wait_for_step(run_dir, step, process, timeout=900):
-    deadline = time.time() + timeout
-    while time.time() < deadline:
-        if process.poll() is not None:
-            out, err = process.communicate()
-            raise AssertionError(f"the run ended (exit {process.returncode}) before {run_dir} step {step}:\n{err[-3000:]}")
-        try:
-            if any(e["step"] >= step for e in read_events(run_dir, "train")):
-                return
-        except (FileNotFoundError, json.JSONDecodeError, KeyError):
-            pass
-        time.sleep(0.2)
-    raise AssertionError(f"{run_dir}: step {step} not reached in {timeout} s")
+    wait_for_step(run_dir, step, process, timeout)
 
 
 def replay_files(stage_dir) -> dict:

@@ -9,11 +9,10 @@ import os
 import signal
 import subprocess
 import sys
-import time
 
 import pytest
 import yaml
-from conftest import REPO, check_ok, losses, read_events, toy_recipe_dict, write_recipe
+from conftest import wait_for_step, REPO, check_ok, losses, read_events, toy_recipe_dict, write_recipe
 
 from launcher.recipe import load_recipe
 from launcher.tasks import TASKS
@@ -27,18 +26,7 @@ def sweep_command(recipe, directory, *args):
 
 
 def _wait_for_training(run_dir, step, process, timeout=1500):  # generous: the first point runs before it
-    deadline = time.time() + timeout
-    while time.time() < deadline:
-        if process.poll() is not None:
-            out, err = process.communicate()
-            raise AssertionError(f"the sweep ended (exit {process.returncode}) before step {step}:\n{err[-3000:]}")
-        try:
-            if any(e["step"] >= step for e in read_events(run_dir, "train")):
-                return
-        except (FileNotFoundError, json.JSONDecodeError, KeyError):
-            pass
-        time.sleep(0.2)
-    raise AssertionError(f"{run_dir}: step {step} not reached in {timeout} s")
+    wait_for_step(run_dir, step, process, timeout)
 
 
 @pytest.mark.slow
