@@ -52,6 +52,27 @@ def load_error(key: str, location: str, exc: Exception, what: str) -> ModelError
     )
 
 
+def probe_hub_config(recipe: Recipe) -> None:
+    """For `launcher check`: a Hub model whose config is not in the local cache is looked up once, without
+    retries, and an unreachable Hub is HubModelUnavailable at once. (Loading it through transformers
+    retries a failed connection five times, ~23 s, before saying the same.)"""
+    location = model_location(recipe)
+    if Path(location).exists():
+        return
+    from huggingface_hub import constants, get_hf_file_metadata, hf_hub_url, try_to_load_from_cache
+    from huggingface_hub.errors import HfHubHTTPError
+    import httpx2  # huggingface_hub's HTTP client: its TransportError is a connection that failed
+
+    if constants.HF_HUB_OFFLINE or isinstance(try_to_load_from_cache(location, "config.json", revision=recipe.model.revision), str):
+        return  # offline: transformers answers from the cache at once; cached: no network needed
+    try:
+        get_hf_file_metadata(hf_hub_url(location, "config.json", revision=recipe.model.revision))
+    except httpx2.TransportError as exc:
+        raise load_error("model.name_or_path", location, exc, "config") from None
+    except HfHubHTTPError:
+        return  # the Hub answered (no such repo, gated ...): loading says what is wrong, as before
+
+
 def model_location(recipe: Recipe) -> str:
     return _resolve(recipe.model.name_or_path, recipe, "model.name_or_path")
 
