@@ -20,7 +20,8 @@ Placeholders, replaced in every file of the case (as bytes) before the run:
 The contract (README "Exit codes"): exit code 2, exactly one stderr line starting with ``error:``
 that contains expected.txt, no traceback, and nothing written or changed in the output directory
 (nor in the case folder). The launcher runs in an empty working directory, as ``python -m launcher
-train RECIPE [OVERRIDES]``.
+train RECIPE [OVERRIDES]`` - or, for the cases in IN_PROCESS, through the same entry function
+(``launcher.cli.main``) in this process.
 """
 
 from __future__ import annotations
@@ -39,6 +40,43 @@ CORPUS = Path(__file__).resolve().parents[1] / "bad_inputs"
 SHARED = CORPUS / "_shared"
 CASES = sorted(p.name for p in CORPUS.iterdir() if p.is_dir() and not p.name.startswith("_"))
 TIMEOUT = 300  # a case that is not refused may train; the data is tiny, so this is generous
+
+# Refused while `launcher train` loads the recipe and checks the launch (schema, overrides, batch arithmetic,
+# the accelerate environment, trackers), before the run builds its Accelerator: these run in this process
+# through launcher.cli.main, a fraction of a second each instead of an interpreter start (~4 s) each. A case
+# listed here that gets as far as the Accelerator fails (it would leave accelerate's state in this process):
+# move it out. Every other case - data, model, output directory, and the smoke cases misspelled_key and
+# override_without_value (the real entry point's argv, stderr and exit code) - starts `python -m launcher train`.
+IN_PROCESS = {
+    "accelerate_grad_accum_conflict", "base_cycle", "base_missing_file", "best_metric_not_computed",
+    "early_stopping_without_best_metric", "fp16_on_cpu", "global_batch_not_divisible",
+    "grad_accum_contradicts_global_batch", "invalid_yaml", "missing_model_section", "misspelled_section",
+    "name_with_slash", "negative_global_batch", "negative_learning_rate", "override_into_a_value",
+    "override_unknown_key", "override_wrong_type", "push_to_hub_without_repo_id", "recipe_not_a_mapping",
+    "recipe_not_utf8", "strategy_disagrees_with_accelerate", "tracker_option_set_by_launcher", "unknown_metric",
+    "unknown_strategy", "unknown_task", "unknown_tracker", "wrong_type", "zero3_export_without_16bit_gather",
+    "zero_micro_batch",
+}
+
+
+def train_in_process(argv, extra_env: dict, cwd: Path, monkeypatch, capsys) -> tuple[int, str]:
+    """(exit code, stderr) of ``launcher train`` run through its entry function in this process."""
+    from accelerate.state import PartialState
+    from launcher.cli import main
+
+    for key, value in extra_env.items():
+        monkeypatch.setenv(key, value)
+    monkeypatch.chdir(cwd)
+    accelerate_was_set_up = bool(PartialState._shared_state)
+    capsys.readouterr()
+    try:
+        returncode = main(argv)
+    except SystemExit as exc:  # argparse's own refusals
+        returncode = exc.code
+    stderr = capsys.readouterr().err
+    if not accelerate_was_set_up:
+        assert not PartialState._shared_state, "the case got as far as the Accelerator: remove it from IN_PROCESS"
+    return returncode, stderr
 
 
 def snapshot(root: Path) -> dict | None:
@@ -79,6 +117,7 @@ def test_every_folder_is_a_case_and_the_docs_count_them():
     """Nothing in the corpus is left out: every entry besides the README and _shared is a case folder
     with a recipe and an expected message, and the docs' counts are the corpus's."""
     assert set(os.listdir(CORPUS)) - set(CASES) == {"README.md", "_shared"}
+    assert IN_PROCESS < set(CASES), f"IN_PROCESS names no case: {sorted(IN_PROCESS - set(CASES))}"
     for case in CASES:
         folder = CORPUS / case
         assert folder.is_dir() and not folder.is_symlink(), f"{case}: not a folder"
@@ -95,7 +134,7 @@ def test_every_folder_is_a_case_and_the_docs_count_them():
 
 
 @pytest.mark.parametrize("case", CASES)
-def test_bad_input_is_refused_with_one_line_and_exit_2(case, assets, isolated_env, tmp_path):
+def test_bad_input_is_refused_with_one_line_and_exit_2(case, assets, isolated_env, tmp_path, monkeypatch, capsys):
     case_dir = tmp_path / "case"
     shutil.copytree(CORPUS / case, case_dir, symlinks=True)
     out = tmp_path / "out"
@@ -122,19 +161,23 @@ def test_bad_input_is_refused_with_one_line_and_exit_2(case, assets, isolated_en
     if (case_dir / "overrides.txt").exists():
         lines = (case_dir / "overrides.txt").read_text(encoding="utf-8").splitlines()
         overrides = [line.strip() for line in lines if line.strip() and not line.lstrip().startswith("#")]
-    env = dict(isolated_env)
+    extra_env = {}
     if (case_dir / "env.json").exists():
-        env.update(json.loads((case_dir / "env.json").read_text(encoding="utf-8")))
+        extra_env = json.loads((case_dir / "env.json").read_text(encoding="utf-8"))
     cwd = tmp_path / "cwd"  # an empty working directory: relative paths must come from the recipe's folder
     cwd.mkdir()
 
     out_before, case_before = snapshot(out), snapshot(case_dir)
-    try:
-        result = run_launcher(["train", str(case_dir / "recipe.yaml"), *overrides], env, cwd=cwd, timeout=TIMEOUT)
-        returncode, stderr = result.returncode, result.stderr
-    except subprocess.TimeoutExpired as exc:
-        returncode = "timeout"
-        stderr = exc.stderr.decode(errors="replace") if isinstance(exc.stderr, bytes) else (exc.stderr or "")
+    argv = ["train", str(case_dir / "recipe.yaml"), *overrides]
+    if case in IN_PROCESS:
+        returncode, stderr = train_in_process(argv, extra_env, cwd, monkeypatch, capsys)
+    else:
+        try:
+            result = run_launcher(argv, {**isolated_env, **extra_env}, cwd=cwd, timeout=TIMEOUT)
+            returncode, stderr = result.returncode, result.stderr
+        except subprocess.TimeoutExpired as exc:
+            returncode = "timeout"
+            stderr = exc.stderr.decode(errors="replace") if isinstance(exc.stderr, bytes) else (exc.stderr or "")
     RAN[case] = returncode
 
     problems = []
