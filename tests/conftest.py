@@ -44,6 +44,18 @@ def isolated_env(tmp_path_factory) -> dict:
     return env
 
 
+@pytest.fixture(scope="session")
+def invariance_ddp_run(tmp_path_factory, assets, isolated_env) -> Path:
+    """test_distributed's invariance recipe (micro batch 4) on 1 node x 2 DDP ranks: its 4x1x2 split and
+    test_multinode's one-node reference are the same run, trained once per session."""
+    from test_distributed import invariance_recipe
+
+    root = tmp_path_factory.mktemp("s412")
+    path = write_recipe(root / "recipe.yaml", invariance_recipe(assets, root / "run", micro_batch_size=4))
+    check_ok(run_launcher(["train", str(path)], isolated_env, nproc=2, accelerate_args=("--multi_gpu",)))
+    return root / "run"
+
+
 @pytest.fixture(autouse=True)
 def _offline_cache(isolated_env, monkeypatch):
     """In-process tests use the same private caches as the subprocesses."""

@@ -44,12 +44,12 @@ def train_run(tmp_path_factory, assets, env, name, nproc, accelerate_args=(), **
 
 
 @pytest.fixture(scope="module")
-def split_runs(tmp_path_factory, assets, isolated_env):
+def split_runs(tmp_path_factory, assets, isolated_env, invariance_ddp_run):
     """Global batch 8 as micro x accumulation x ranks."""
     runs = {
         "8x1x1": train_run(tmp_path_factory, assets, isolated_env, "s811", None, micro_batch_size=8),
         "4x2x1": train_run(tmp_path_factory, assets, isolated_env, "s421", None, micro_batch_size=4),
-        "4x1x2": train_run(tmp_path_factory, assets, isolated_env, "s412", 2, ("--multi_gpu",), micro_batch_size=4),
+        "4x1x2": invariance_ddp_run,  # (conftest: shared with test_multinode)
         "2x2x2": train_run(tmp_path_factory, assets, isolated_env, "s222", 2, ("--multi_gpu",), micro_batch_size=2),
     }
     return runs

@@ -13,15 +13,10 @@ import sys
 
 import pytest
 import yaml
-from conftest import assert_same_losses, REPO, assert_same_weights, check_ok, free_port, losses, read_events, weights, write_recipe
+from conftest import assert_same_losses, REPO, assert_same_weights, free_port, losses, read_events, weights, write_recipe
 from test_distributed import KEY_BIAS_ATOL, invariance_recipe
 
 pytestmark = pytest.mark.slow
-
-
-def launcher_run(args, env, timeout=900):
-    return subprocess.run([sys.executable, "-m", "launcher", "run", *args], env=env, cwd=REPO,
-                          capture_output=True, text=True, timeout=timeout)
 
 
 def two_nodes(recipe_path, env, *args, timeout=900):
@@ -47,12 +42,9 @@ def two_nodes(recipe_path, env, *args, timeout=900):
 
 
 @pytest.fixture(scope="module")
-def one_node(tmp_path_factory, assets, isolated_env):
-    """The reference: the same recipe on 1 node x 2 processes (DDP)."""
-    root = tmp_path_factory.mktemp("one-node")
-    path = write_recipe(root / "recipe.yaml", invariance_recipe(assets, root / "run", micro_batch_size=4))
-    check_ok(launcher_run([str(path), "--nproc", "2"], isolated_env))
-    return root / "run"
+def one_node(invariance_ddp_run):
+    """The reference: the same recipe on 1 node x 2 processes (DDP; conftest: test_distributed's 4x1x2 run)."""
+    return invariance_ddp_run
 
 
 # zero3_offload ran here too (gap 8.6e-8, docs/launch-matrix.md) but is not in the default suite: DeepSpeed
