@@ -76,8 +76,9 @@ def test_replay_run_resumes_mid_stage_and_two_ranks_equal_one(assets, isolated_e
     buffer_before = replay_files(second)
     first_metrics = (first / "metrics.json").stat().st_mtime_ns
 
-    # 2. The same command: stage 0 skipped (not trained again), stage 1 resumes from its checkpoint.
-    resumed = subprocess.run(run_command(path), env=isolated_env, cwd=REPO, capture_output=True, text=True, timeout=900)
+    # 2. The same command: stage 0 skipped (not trained again), stage 1 resumes from its checkpoint. (With
+    # output.report on, which a resume may change: the run ends by writing its report.)
+    resumed = subprocess.run(run_command(path, "output.report=true"), env=isolated_env, cwd=REPO, capture_output=True, text=True, timeout=900)
     check_ok(resumed)
     assert "0  sentiment  finished: skipped" in resumed.stdout
     assert (first / "metrics.json").stat().st_mtime_ns == first_metrics
@@ -101,6 +102,18 @@ def test_replay_run_resumes_mid_stage_and_two_ranks_equal_one(assets, isolated_e
     assert result["average_forgetting"] == pytest.approx(matrix[0][0] - matrix[1][0])
     assert result["backward_transfer"] == pytest.approx(matrix[1][0] - matrix[0][0])
     assert "| topic | " in resumed.stdout  # the table is printed
+
+    # The run's report shows the matrix (rows: after stage i; columns: stage j) with metrics.json's values, the
+    # summary numbers, a heatmap, and the report of the stage that wrote one (stage 1; stage 0 was skipped).
+    assert f"report: {one / 'report' / 'index.html'}" in resumed.stdout
+    page = (one / "report" / "index.html").read_text()
+    assert f"<tr><td>after sentiment</td><td>{matrix[0][0]:.4f}</td><td></td></tr>" in page
+    assert f"<tr><td>after topic</td><td>{matrix[1][0]:.4f}</td><td>{matrix[1][1]:.4f}</td></tr>" in page
+    for key, label in (("average_accuracy", "average accuracy"), ("average_forgetting", "average forgetting"),
+                       ("backward_transfer", "backward transfer")):
+        assert f'<div class="k">{label}</div><div class="v">{result[key]:.4f}</div>' in page
+    assert page.count('<img src="data:image/png;base64,') == 1
+    assert 'href="../stages/1-topic/report/index.html"' in page and (second / "report" / "index.html").is_file()
 
     # 3. Two ranks, uninterrupted: the same buffer, the same training, the same matrix.
     ranks = subprocess.run(run_command(path, "--nproc", "2", f"output.dir={two}"), env=isolated_env, cwd=REPO,
