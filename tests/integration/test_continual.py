@@ -229,3 +229,17 @@ def test_ewc_stage_under_zero2_equals_one_process_and_the_penalty_holds(ewc_run,
     held = fisher_distance(fisher_file, out / "model")
     assert held == pytest.approx(fisher_distance(fisher_file, second / "model"), rel=1e-3)
     assert held < 0.5 * fisher_distance(fisher_file, naive / "model")
+
+
+def test_report_of_a_continual_and_a_plain_run_together_is_one_line(tmp_path):
+    continual, plain = tmp_path / "continual", tmp_path / "plain"
+    continual.mkdir()
+    plain.mkdir()
+    (continual / "metrics.json").write_text(json.dumps({"continual": {"stages": ["a"], "matrix": [[0.5]]}}))
+    (plain / "metrics.jsonl").write_text("")
+    result = subprocess.run([sys.executable, "-m", "launcher", "report", str(continual), str(plain)], cwd=REPO,
+                            capture_output=True, text=True, timeout=300)
+    assert result.returncode == 2
+    assert result.stderr.strip() == (f"error: {continual} is a continual run and {plain} is not; report continual runs "
+                                     f"together, or a continual run's stages (its stages/*)")
+    assert not (tmp_path / "report").exists()
