@@ -2,7 +2,9 @@
 matplotlib from what the run directory already holds (metrics.jsonl, metrics.json, recipe.yaml,
 predictions/test.jsonl): training curves, validation metrics with the best checkpoint marked, the
 confusion matrix and per-class table, sample predictions, the recipe, the plan and library versions.
-Several runs: curves overlaid, final metrics side by side.
+Several runs: curves overlaid, final metrics side by side. A continual run's directory (`continual:`; its
+metrics.json holds the forgetting matrix): the matrix as a table and a heatmap, the summary numbers, and
+each stage's own report linked; several continual runs (naive vs replay vs ewc) side by side.
 
 Images are embedded (base64 PNG), so the page can be copied or mailed on its own. The HTML is a few
 string templates: no templating library is needed for tables and <img> tags.
@@ -432,13 +434,126 @@ def distinct_names(data: list[RunData]) -> list[RunData]:
     return data
 
 
+# ---- continual runs ----------------------------------------------------------------------------------
+
+
+@dataclass
+class ContinualData:
+    path: Path
+    name: str
+    result: dict  # metrics.json's `continual`: stages, matrix, the summary numbers
+
+
+def continual_result(path: Path) -> dict | None:
+    """metrics.json's `continual` section when `path` is a continual run's directory, else None."""
+    metrics = _read_json(Path(path) / "metrics.json")
+    return metrics.get("continual") if isinstance(metrics, dict) and isinstance(metrics.get("continual"), dict) else None
+
+
+def load_continual(path: Path) -> ContinualData:
+    result = continual_result(path)
+    plan = _read_json(Path(path) / "continual.json") or {}
+    first = Path(plan["stages"][0]["run_dir"]) / "recipe.yaml" if plan.get("stages") else None
+    recipe = yaml.safe_load(first.read_text()) if first is not None and first.is_file() else None
+    name = (recipe or {}).get("name") or Path(path).name
+    return ContinualData(Path(path), f"{name} ({result.get('strategy', '?')})", result)
+
+
+def forgetting_figure(runs: list[ContinualData]) -> str:
+    """One heatmap per run: the metric on stage j (column) after training stage i (row); above the
+    diagonal is not measured (blank)."""
+    import numpy as np
+
+    size = max(len(run.result["stages"]) for run in runs)
+    side = max(2.6, 0.9 * size + 1.6)
+    figure, axes = _figure(1, len(runs), width=(side + 0.4) * len(runs) + 0.8, height_per_row=side, left=1.1)
+    for ax, run in zip(axes.flat, runs):
+        stages, matrix = run.result["stages"], run.result["matrix"]
+        values = np.full((len(stages), len(stages)), np.nan)
+        for i, row in enumerate(matrix):
+            values[i, : len(row)] = row
+        ax.imshow(np.ma.masked_invalid(values), cmap="RdYlGn", vmin=0.0, vmax=1.0)
+        ax.set_xticks(range(len(stages)), stages, fontsize=8, rotation=30 if len(stages) > 3 else 0)
+        ax.set_yticks(range(len(stages)), stages, fontsize=8)
+        ax.set_xlabel(f"{run.result.get('metric', 'metric')} on stage", fontsize=9)
+        ax.set_ylabel("after training stage", fontsize=9)
+        ax.set_title(run.name if len(runs) > 1 else "forgetting matrix", fontsize=10, loc="left", fontweight="bold")
+        for (i, j), value in np.ndenumerate(values):
+            if not np.isnan(value):
+                ax.text(j, i, f"{value:.3f}", ha="center", va="center", fontsize=9, color="#111827")
+    return _png(figure)
+
+
+def matrix_table(result: dict) -> str:
+    """Rows: after training stage i; columns: stage j; cells: the metric (blank above the diagonal)."""
+    stages, matrix = result["stages"], result["matrix"]
+    rows = [(f"after {stages[i]}", *[row[j] if j < len(row) else "" for j in range(len(stages))])
+            for i, row in enumerate(matrix)]
+    return _table((f"{result.get('metric', 'metric')}: after \\ on", *stages), rows)
+
+
+SUMMARY_KEYS = (("average_accuracy", "average accuracy"), ("average_forgetting", "average forgetting"),
+                ("backward_transfer", "backward transfer"))
+
+
+def _stage_links(run: ContinualData, directory: Path) -> str:
+    plan = _read_json(run.path / "continual.json") or {}
+    rows = []
+    for stage in plan.get("stages", []):
+        stage_dir = Path(stage["run_dir"])
+        page = stage_dir / REPORT_DIR / "index.html"
+        link = (f'<a href="{html.escape(os.path.relpath(page, directory))}">report</a>' if page.is_file()
+                else f"launcher report {html.escape(str(stage_dir))}")
+        rows.append(f"<tr><td>{stage['index']}</td><td>{html.escape(stage['name'])}</td>"
+                    f"<td>{html.escape(str(stage_dir))}</td><td>{link}</td></tr>")
+    if not rows:
+        return ""
+    return ("<table><thead><tr><th>stage</th><th>name</th><th>run directory</th><th>its report</th></tr></thead>"
+            f"<tbody>{''.join(rows)}</tbody></table>")
+
+
+def render_continual(runs: list[ContinualData], directory: Path) -> str:
+    several = len(runs) > 1
+    title = ("Comparison of " + ", ".join(r.name for r in runs)) if several else f"Continual run: {runs[0].name}"
+    parts = [f"<h1>{html.escape(title)}</h1>",
+             f'<div class="sub">{" · ".join(html.escape(str(r.path)) for r in runs)}</div>',
+             '<p class="note">The forgetting matrix: the metric on stage j\'s test split (column) after training '
+             "stage i (row). Average accuracy: the mean of the last row; average forgetting: the mean over earlier "
+             "stages of their best value before the last stage minus their last value; backward transfer: the mean "
+             "over earlier stages of their last value minus their value right after their own stage (negative: "
+             "forgetting).</p>"]
+    if several:
+        parts.append("<h2>Summary</h2>" + _table(("run", "strategy", *[label for _, label in SUMMARY_KEYS]),
+                     [(r.name, r.result.get("strategy"), *[r.result.get(k) for k, _ in SUMMARY_KEYS]) for r in runs]))
+    else:
+        result = runs[0].result
+        cards = [("strategy", html.escape(str(result.get("strategy")))),
+                 *[(label, _fmt(result.get(key))) for key, label in SUMMARY_KEYS]]
+        parts.append('<div class="cards">' + "".join(
+            f'<div class="card"><div class="k">{html.escape(k)}</div><div class="v">{v}</div></div>' for k, v in cards
+        ) + "</div>")
+    parts.append("<h2>Forgetting matrix</h2>" + _img(forgetting_figure(runs), "forgetting matrix"))
+    for run in runs:
+        suffix = f" — {html.escape(run.name)}" if several else ""
+        parts.append(f"<h2>Matrix{suffix}</h2>" + matrix_table(run.result))
+        parts.append(f"<h2>Stages{suffix}</h2>" + _stage_links(run, directory))
+        parts.append(f"<p class=\"note\">Shared label space: {html.escape(', '.join(run.result.get('labels', [])))}</p>")
+    return (f"<!DOCTYPE html><html lang=\"en\"><head><meta charset=\"utf-8\"><title>{html.escape(title)}</title>"
+            f"<style>{CSS}</style></head><body><main>{''.join(parts)}</main></body></html>\n")
+
+
 def write_report(runs: list[Path], output: Path | None = None) -> Path:
     """Write ``index.html`` for the runs into ``output`` (default: RUN/report, or the runs' common
     parent/report for several) and return its path. The file appears whole or not at all."""
-    data = [load_run(Path(run)) for run in runs]
-    data = distinct_names(data)
     directory = Path(output) if output is not None else default_output([Path(r) for r in runs])
-    page = render(data)
+    continual = [Path(run) for run in runs if continual_result(Path(run)) is not None]
+    if continual and len(continual) < len(runs):
+        raise LauncherError(f"{continual[0]} is a continual run and {next(r for r in runs if Path(r) not in continual)} "
+                            f"is not; report continual runs together, or a continual run's stages (its stages/*)")
+    if continual:
+        page = render_continual(distinct_names([load_continual(run) for run in continual]), directory)
+    else:
+        page = render(distinct_names([load_run(Path(run)) for run in runs]))
     directory.mkdir(parents=True, exist_ok=True)
     target = directory / "index.html"
     fd, tmp = tempfile.mkstemp(dir=directory, prefix=".index.", suffix=".tmp")

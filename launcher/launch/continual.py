@@ -36,6 +36,7 @@ from ..errors import EXIT_FAILURE, EXIT_OK, EXIT_STOPPED, LauncherError
 from ..files import write_json_atomic, write_text_atomic
 from ..forgetting import summarize, table
 from ..recipe import load_recipe
+from ..report import write_report
 from ..schema import ContinualSection
 from ..tasks import TASKS
 from ..tasks.classification import label_key
@@ -291,7 +292,18 @@ def run_continual(recipe_path: str | Path, overrides: list[str], request: Launch
     sys.stdout.write(table([s.name for s in run.stages], result["matrix"], result["metric"]))
     print(f"average accuracy {result['average_accuracy']:.4f}, average forgetting {result['average_forgetting']:.4f}, "
           f"backward transfer {result['backward_transfer']:.4f}; {run.directory / 'metrics.json'}")
+    if load_recipe(run.recipe_path, run.base_overrides).output.report:
+        _report(run)
     return EXIT_OK
+
+
+def _report(run: ContinualRun) -> None:
+    """The run's page (the matrix, the summary, each stage's report linked), as a finished run writes its own."""
+    try:
+        print(f"report: {write_report([run.directory])}")
+    except Exception as exc:  # noqa: BLE001 - the matrix is on record; the report can be rebuilt
+        print(f"continual: could not write the report ({type(exc).__name__}: {exc}); retry with: launcher report "
+              f"{run.directory}", file=sys.stderr)
 
 
 def _stopped(stage: Stage) -> int:

@@ -76,8 +76,9 @@ def test_replay_run_resumes_mid_stage_and_two_ranks_equal_one(assets, isolated_e
     buffer_before = replay_files(second)
     first_metrics = (first / "metrics.json").stat().st_mtime_ns
 
-    # 2. The same command: stage 0 skipped (not trained again), stage 1 resumes from its checkpoint.
-    resumed = subprocess.run(run_command(path), env=isolated_env, cwd=REPO, capture_output=True, text=True, timeout=900)
+    # 2. The same command: stage 0 skipped (not trained again), stage 1 resumes from its checkpoint. (With
+    # output.report on, which a resume may change: the run ends by writing its report.)
+    resumed = subprocess.run(run_command(path, "output.report=true"), env=isolated_env, cwd=REPO, capture_output=True, text=True, timeout=900)
     check_ok(resumed)
     assert "0  sentiment  finished: skipped" in resumed.stdout
     assert (first / "metrics.json").stat().st_mtime_ns == first_metrics
@@ -102,6 +103,18 @@ def test_replay_run_resumes_mid_stage_and_two_ranks_equal_one(assets, isolated_e
     assert result["backward_transfer"] == pytest.approx(matrix[1][0] - matrix[0][0])
     assert "| topic | " in resumed.stdout  # the table is printed
 
+    # The run's report shows the matrix (rows: after stage i; columns: stage j) with metrics.json's values, the
+    # summary numbers, a heatmap, and the report of the stage that wrote one (stage 1; stage 0 was skipped).
+    assert f"report: {one / 'report' / 'index.html'}" in resumed.stdout
+    page = (one / "report" / "index.html").read_text()
+    assert f"<tr><td>after sentiment</td><td>{matrix[0][0]:.4f}</td><td></td></tr>" in page
+    assert f"<tr><td>after topic</td><td>{matrix[1][0]:.4f}</td><td>{matrix[1][1]:.4f}</td></tr>" in page
+    for key, label in (("average_accuracy", "average accuracy"), ("average_forgetting", "average forgetting"),
+                       ("backward_transfer", "backward transfer")):
+        assert f'<div class="k">{label}</div><div class="v">{result[key]:.4f}</div>' in page
+    assert page.count('<img src="data:image/png;base64,') == 1
+    assert 'href="../stages/1-topic/report/index.html"' in page and (second / "report" / "index.html").is_file()
+
     # 3. Two ranks, uninterrupted: the same buffer, the same training, the same matrix.
     ranks = subprocess.run(run_command(path, "--nproc", "2", f"output.dir={two}"), env=isolated_env, cwd=REPO,
                            capture_output=True, text=True, timeout=900)
@@ -122,8 +135,10 @@ def fisher_distance(fisher_file, model_dir) -> float:
                for n in weights if f"fisher.{n}" in tensors)
 
 
-@pytest.mark.slow
-def test_ewc_run_holds_the_fisher_weighted_distance_and_two_rank_fisher_equals_one(assets, isolated_env, tmp_path):
+@pytest.fixture(scope="module")
+def ewc_run(assets, isolated_env, tmp_path_factory) -> dict:
+    """A two-stage EWC continual run (1 process), and its second stage's recipe trained again without the penalty."""
+    tmp_path = tmp_path_factory.mktemp("ewc")
     topic = tmp_path / "topic"
     write_toy_topic_csv(topic / "train.csv", 80, seed=1)
     write_toy_topic_csv(topic / "test.csv", 21, seed=2)
@@ -147,16 +162,24 @@ def test_ewc_run_holds_the_fisher_weighted_distance_and_two_rank_fisher_equals_o
     first, second = tmp_path / "ewc" / "stages" / "0-sentiment", tmp_path / "ewc" / "stages" / "1-topic"
     result = subprocess.run(run_command(path), env=isolated_env, cwd=REPO, capture_output=True, text=True, timeout=900)
     check_ok(result)
-    fisher_file = second / "ewc" / "fisher.safetensors"
-    assert "ewc: the Fisher of sentiment's model on its training data" in result.stdout
-    assert json.loads((tmp_path / "ewc" / "metrics.json").read_text())["continual"]["strategy"] == "ewc"
-
-    # The same stage trained without the penalty (its recipe, ewc removed) moves further in the directions the
-    # Fisher says matter for the first stage.
+    # The same stage trained without the penalty (its recipe, ewc removed).
     naive = tmp_path / "naive-topic"
     plain = subprocess.run([sys.executable, "-m", "launcher", "train", str(second / "recipe.yaml"), "ewc=null",
                             f"output.dir={naive}"], env=isolated_env, cwd=REPO, capture_output=True, text=True, timeout=900)
     check_ok(plain)
+    return {"recipe": path, "run": tmp_path / "ewc", "first": first, "second": second, "naive": naive,
+            "stdout": result.stdout, "tmp": tmp_path}
+
+
+@pytest.mark.slow
+def test_ewc_run_holds_the_fisher_weighted_distance_and_two_rank_fisher_equals_one(ewc_run, isolated_env):
+    path, first, second, naive = ewc_run["recipe"], ewc_run["first"], ewc_run["second"], ewc_run["naive"]
+    fisher_file = second / "ewc" / "fisher.safetensors"
+    assert "ewc: the Fisher of sentiment's model on its training data" in ewc_run["stdout"]
+    assert json.loads((ewc_run["run"] / "metrics.json").read_text())["continual"]["strategy"] == "ewc"
+
+    # The stage trained without the penalty moves further in the directions the Fisher says matter for the
+    # first stage.
     held, free = fisher_distance(fisher_file, second / "model"), fisher_distance(fisher_file, naive / "model")
     assert held < 0.5 * free, (held, free)
 
@@ -166,7 +189,7 @@ def test_ewc_run_holds_the_fisher_weighted_distance_and_two_rank_fisher_equals_o
     from launcher.launch.continual import make_continual
 
     run = make_continual(path, [])
-    two = tmp_path / "fisher-2"
+    two = ewc_run["tmp"] / "fisher-2"
     command = [str(BIN / "accelerate"), "launch", "--num_processes", "2", "--num_machines", "1", "--mixed_precision",
                "no", "--dynamo_backend", "no", "--main_process_port", str(free_port()), "-m", "launcher", "fisher",
                str(path), *run.overrides(run.stages[0], training=False), "--checkpoint", str(first / "model"),
@@ -177,3 +200,46 @@ def test_ewc_run_holds_the_fisher_weighted_distance_and_two_rank_fisher_equals_o
     for name, tensor in one_rank.items():
         assert torch.allclose(two_ranks[name], tensor, rtol=1e-5, atol=1e-12), name
     assert any(float(t.abs().sum()) > 0 for n, t in one_rank.items() if n.startswith("fisher."))
+
+
+@pytest.mark.slow
+def test_ewc_stage_under_zero2_equals_one_process_and_the_penalty_holds(ewc_run, isolated_env):
+    """The EWC stage's recipe on 2 ranks under ZeRO-2 (DeepSpeed: its own engine, backward and step), at the
+    1-process run's global batch: the same per-step losses as the 1-process EWC stage (the penalty steers
+    every step after the first, once per step, whatever the world size), and the penalty is there under
+    DeepSpeed (the losses leave the penalty-free run's; the export is as close to the anchor as the 1-process
+    one). Without a penalty, 1 process, DDP and ZeRO-2 on 2 ranks already agree (test_distributed); this is
+    the penalty's part."""
+    second, naive, out = ewc_run["second"], ewc_run["naive"], ewc_run["tmp"] / "topic-zero2"
+    result = subprocess.run([sys.executable, "-m", "launcher", "run", str(second / "recipe.yaml"), "--nproc", "2",
+                             "--strategy", "zero2", "training.micro_batch_size=4", "training.global_batch_size=8",
+                             "evaluation.every_epoch=false", f"output.dir={out}"],
+                            env=isolated_env, cwd=REPO, capture_output=True, text=True, timeout=900)
+    check_ok(result)
+    start = read_events(out, "start")[0]
+    assert (start["world_size"], start["strategy"]) == (2, "zero2")
+    zero2, one, free = losses(out), losses(second), losses(naive)
+    assert len(zero2) == 6
+    assert_same_losses(zero2, one)
+    # Without the penalty the same steps give other losses (step 1 starts at the anchor, where the penalty and its
+    # gradient are 0, so steps 1 and 2 are the same; from step 3 on they differ).
+    assert free[:2] == pytest.approx(zero2[:2], rel=1e-5)
+    assert max(abs(a - b) / abs(b) for a, b in zip(zero2[2:], free[2:])) > 1e-3, (zero2, free)
+    fisher_file = second / "ewc" / "fisher.safetensors"
+    held = fisher_distance(fisher_file, out / "model")
+    assert held == pytest.approx(fisher_distance(fisher_file, second / "model"), rel=1e-3)
+    assert held < 0.5 * fisher_distance(fisher_file, naive / "model")
+
+
+def test_report_of_a_continual_and_a_plain_run_together_is_one_line(tmp_path):
+    continual, plain = tmp_path / "continual", tmp_path / "plain"
+    continual.mkdir()
+    plain.mkdir()
+    (continual / "metrics.json").write_text(json.dumps({"continual": {"stages": ["a"], "matrix": [[0.5]]}}))
+    (plain / "metrics.jsonl").write_text("")
+    result = subprocess.run([sys.executable, "-m", "launcher", "report", str(continual), str(plain)], cwd=REPO,
+                            capture_output=True, text=True, timeout=300)
+    assert result.returncode == 2
+    assert result.stderr.strip() == (f"error: {continual} is a continual run and {plain} is not; report continual runs "
+                                     f"together, or a continual run's stages (its stages/*)")
+    assert not (tmp_path / "report").exists()
