@@ -115,5 +115,6 @@ def optimizer_param_groups(model, weight_decay: float) -> list[dict]:
 
 
 def fused_adamw_kwargs() -> dict:
-    # foreach is the fast path on CPU; fused needs CUDA (or recent CPU builds) and changes nothing else.
-    return {"fused": True} if torch.cuda.is_available() else {"foreach": True}
+    # One fused kernel per step on CUDA and on the CPU (torch >= 2.4): on 2 CPU cores AdamW over MiniLM's
+    # 22.7 M parameters takes 5x less CPU time fused than foreach (docs/performance.md); same update.
+    return {"fused": True}
