@@ -1,7 +1,10 @@
 """The same fine-tune with transformers' Trainer, configured as a user would (DataCollatorWithPadding).
 
-Run by bench.py: python benchmarks/hf_trainer.py RECIPE STEPS OUT_JSON [SEED]. Uses the launcher only to
-load the identical train/dev split; tokenization, batching and training are Trainer's own.
+Run by bench.py: python benchmarks/hf_trainer.py RECIPE STEPS OUT_JSON [SEED|-] [SAMPLING] (or under
+`accelerate launch --num_processes 2`: Trainer's own DDP, micro-batch per rank as the launcher's). SAMPLING is
+Trainer's `train_sampling_strategy`: "random" (the default a user gets) or "group_by_length" (Trainer's
+own length grouping, its best configuration for variable-length text). Uses the launcher only to load
+the identical train/dev split; tokenization, batching and training are Trainer's own.
 """
 
 from __future__ import annotations
@@ -31,7 +34,7 @@ from transformers import (  # noqa: E402
 import_seconds = time.perf_counter() - _imports
 
 
-def main(recipe_path: str, steps: int, out_json: str, seed: int | None = None) -> None:
+def main(recipe_path: str, steps: int, out_json: str, seed: int | None = None, sampling: str = "random") -> None:
     from launcher.data import load_validated_splits
     from launcher.model_io import model_location
     from launcher.recipe import load_recipe
@@ -62,7 +65,7 @@ def main(recipe_path: str, steps: int, out_json: str, seed: int | None = None) -
         learning_rate=training.learning_rate, weight_decay=training.weight_decay, warmup_steps=round(training.warmup_ratio * steps),
         lr_scheduler_type=training.lr_scheduler, max_grad_norm=training.max_grad_norm, max_steps=steps,
         seed=training.seed, logging_steps=steps, save_strategy="no", eval_strategy="no", report_to=[],
-        disable_tqdm=True, use_cpu=not torch.cuda.is_available(),
+        disable_tqdm=True, train_sampling_strategy=sampling, use_cpu=not torch.cuda.is_available(),
         bf16=os.environ.get("BENCH_BF16") == "1",  # benchmarks/gpu_bench.py: the launcher runs bf16 there too
     )
     marks = {}
@@ -80,8 +83,12 @@ def main(recipe_path: str, steps: int, out_json: str, seed: int | None = None) -
                       data_collator=DataCollatorWithPadding(tokenizer), compute_metrics=accuracy, callbacks=[Clock()])
     trainer.train()
     dev_accuracy = trainer.evaluate()["eval_accuracy"]
+    if not trainer.is_world_process_zero():
+        return
+    world = int(os.environ.get("WORLD_SIZE", "1"))  # under `accelerate launch`: Trainer runs DDP itself
     result = {
-        "steady_seconds": marks["last"] - marks["first"], "steps": steps, "micro_batch_size": training.micro_batch_size,
+        "steady_seconds": marks["last"] - marks["first"], "steps": steps,
+        "micro_batch_size": training.micro_batch_size * world,  # samples per optimizer step, all ranks
         "first_step_since_start": marks["first"] - _start, "import_seconds": import_seconds,
         "dev_accuracy": dev_accuracy, "peak_rss_bytes": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024,
         "transformers": transformers.__version__,
@@ -91,4 +98,5 @@ def main(recipe_path: str, steps: int, out_json: str, seed: int | None = None) -
 
 
 if __name__ == "__main__":
-    main(sys.argv[1], int(sys.argv[2]), sys.argv[3], int(sys.argv[4]) if len(sys.argv) > 4 else None)
+    main(sys.argv[1], int(sys.argv[2]), sys.argv[3], int(sys.argv[4]) if len(sys.argv) > 4 and sys.argv[4] != "-" else None,
+         sys.argv[5] if len(sys.argv) > 5 else "random")

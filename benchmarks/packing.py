@@ -61,14 +61,14 @@ def write_model(directory: Path, heads: int, layers: int) -> Path:
     return directory
 
 
-def recipe(model: Path, out: Path, steps: int, accum: int = 2) -> dict:
+def recipe(model: Path, out: Path, steps: int, accum: int = 2, precision: str = "fp32") -> dict:
     return {
         "name": "packing-bench", "task": "causal_lm_sft",
         "model": {"name_or_path": str(model)},
         "data": {"train": str(DATA), "text_column": "messages", "validation_size": 0, "test_size": 8,
                  "max_length": 128, "cache_dir": str(out.parent / "cache")},
         "training": {"max_steps": steps, "micro_batch_size": 8, "global_batch_size": 8 * accum, "learning_rate": 2e-5,
-                     "warmup_steps": 0, "precision": "fp32", "group_by_length": False},
+                     "warmup_steps": 0, "precision": precision, "group_by_length": False},
         "evaluation": {"every_epoch": False, "metrics": ["perplexity"]},
         "sft": {"system_prompt": SYSTEM_PROMPT, "generate_max_new_tokens": 0},
         "output": {"dir": str(out), "export_model": False, "save_predictions": False, "report": False},
@@ -83,6 +83,7 @@ def main() -> int:
     parser.add_argument("--accum", type=int, default=2, help="micro-batches of 8 per optimizer step")
     parser.add_argument("--heads", type=int, default=3, help="query heads (a multiple of 3); hidden = 64 x heads")
     parser.add_argument("--layers", type=int, default=4)
+    parser.add_argument("--precision", choices=("fp32", "bf16"), default="fp32", help="bf16 on a GPU (benchmarks/gpu.sh)")
     args = parser.parse_args()
     if not TOKENIZER.is_dir() or not DATA.exists():
         print(f"error: {TOKENIZER} or {DATA} is missing; run `python scripts/prepare_dialogue_assets.py` first")
@@ -97,7 +98,7 @@ def main() -> int:
     torch.set_num_threads(args.threads)
     work = Path(tempfile.mkdtemp(prefix="packing-bench-"))
     model = write_model(work / "model", args.heads, args.layers)
-    run = FineTuneRun(validate_recipe(recipe(model, work / "run", args.steps + 1, args.accum)))
+    run = FineTuneRun(validate_recipe(recipe(model, work / "run", args.steps + 1, args.accum, args.precision)))
     try:
         run.setup()
         run.model.train()
@@ -119,6 +120,8 @@ def main() -> int:
                     run.task.sft.packing = way == "packed"
                     started = time.perf_counter()
                     run._optimizer_step(chosen[way])
+                    if run.accelerator.device.type == "cuda":
+                        torch.cuda.synchronize()  # the step only queued its kernels
                     fastest[way] = min(fastest[way], time.perf_counter() - started)
             if step == 0:
                 continue
