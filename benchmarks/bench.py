@@ -177,7 +177,7 @@ def accuracy_parity(work: Path, steps: int, seeds: int) -> dict:
 
 def memory_check(work: Path) -> list[dict]:
     """Per-rank optimizer state on 2 gloo ranks, measured after the first step, vs the plan."""
-    from launcher.plan import memory_estimate
+    from launcher.plan import Strategy, memory_estimate
 
     rows = []
     for strategy in ("ddp", "zero1", "zero2", "zero3"):
@@ -186,7 +186,7 @@ def memory_check(work: Path) -> list[dict]:
         events = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
         first = next(e for e in events if e["event"] == "first_step")
         start = next(e for e in events if e["event"] == "start")
-        estimate = memory_estimate(start["parameters"], strategy, "fp32", 2)
+        estimate = memory_estimate(start["parameters"], Strategy(strategy), "fp32", 2)
         rows.append({"strategy": strategy, "estimated_optimizer_bytes": estimate.optimizer,
                      "measured_optimizer_bytes": first["rank_optimizer_state_bytes"],
                      "measured_adam_moment_bytes": first["rank_adam_moment_bytes"],
