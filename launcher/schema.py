@@ -87,9 +87,9 @@ class DataSection(Section):
     )
     label_groups: list[list[str | int]] | None = Field(
         None,
-        description="Task-incremental scoring (set by `continual.label_space: per_stage`): a partition of `labels`; "
-        "each example's loss and prediction are over the labels of its own label's group only (the other logits "
-        "masked out). Unset: over all labels.",
+        description="Task sequence_classification, task-incremental scoring (set by `continual.label_space: "
+        "per_stage`): a partition of `labels`; each example's loss and prediction are over the labels of its own "
+        "label's group only (the other logits masked out). Unset: over all labels.",
     )
     drop_other_labels: bool = Field(
         False,
