@@ -435,7 +435,9 @@ def read_matrix(run: ContinualRun) -> list[list[float]]:
 def write_matrix(run: ContinualRun) -> dict:
     matrix = read_matrix(run)
     result = {"strategy": run.settings.strategy, "metric": run.settings.metric,
-              "stages": [s.name for s in run.stages], "labels": run.labels, "matrix": matrix, **summarize(matrix),
+              "stages": [s.name for s in run.stages], "labels": run.labels,
+              "label_space": run.settings.label_space, "label_groups": run.label_groups or None, "matrix": matrix,
+              **summarize(matrix),
               "cells": [[str(cell_path(t, s)) for s in run.stages[: t.index + 1]] for t in run.stages]}
     write_json_atomic(run.directory / "metrics.json", {"continual": result})
     return result
