@@ -496,6 +496,13 @@ SUMMARY_KEYS = (("average_accuracy", "average accuracy"), ("average_forgetting",
                 ("backward_transfer", "backward transfer"))
 
 
+def _label_space(result: dict) -> str:
+    if result.get("label_space") == "per_stage":  # each stage's examples scored among their own stage's labels
+        groups = " | ".join(", ".join(group) for group in result.get("label_groups") or [])
+        return f"Label space per stage (task-incremental): {html.escape(groups)}"
+    return f"Shared label space: {html.escape(', '.join(result.get('labels', [])))}"
+
+
 def _stage_links(run: ContinualData, directory: Path) -> str:
     plan = _read_json(run.path / "continual.json") or {}
     rows = []
@@ -537,7 +544,7 @@ def render_continual(runs: list[ContinualData], directory: Path) -> str:
         suffix = f" — {html.escape(run.name)}" if several else ""
         parts.append(f"<h2>Matrix{suffix}</h2>" + matrix_table(run.result))
         parts.append(f"<h2>Stages{suffix}</h2>" + _stage_links(run, directory))
-        parts.append(f"<p class=\"note\">Shared label space: {html.escape(', '.join(run.result.get('labels', [])))}</p>")
+        parts.append(f"<p class=\"note\">{_label_space(run.result)}</p>")
     return (f"<!DOCTYPE html><html lang=\"en\"><head><meta charset=\"utf-8\"><title>{html.escape(title)}</title>"
             f"<style>{CSS}</style></head><body><main>{''.join(parts)}</main></body></html>\n")
 

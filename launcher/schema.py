@@ -85,6 +85,12 @@ class DataSection(Section):
         None,
         description="The label set, in id order. If unset: the sorted distinct labels of the training split.",
     )
+    label_groups: list[list[str | int]] | None = Field(
+        None,
+        description="Task sequence_classification, task-incremental scoring (set by `continual.label_space: "
+        "per_stage`): a partition of `labels`; each example's loss and prediction are over the labels of its own "
+        "label's group only (the other logits masked out). Unset: over all labels.",
+    )
     drop_other_labels: bool = Field(
         False,
         description="Drop rows whose label is not in `labels` (counted and reported). "
@@ -372,8 +378,9 @@ class ContinualStage(Section):
 
 
 class ContinualSection(Section):
-    """A sequence of stages trained one after another, one model carried through. The label space is shared:
-    the union of the stages' label sets in stage order, fixed before the first stage (one head, sized for all)."""
+    """A sequence of stages trained one after another, one model carried through. One head over the union of
+    the stages' label sets in stage order, fixed before the first stage (sized for all); `label_space` says
+    whether an example is scored among all of them or among its own stage's."""
 
     stages: list[ContinualStage] = Field(min_length=2, description="The stages, in training order.")
     strategy: Literal["naive", "replay", "ewc"] = Field(
@@ -384,6 +391,12 @@ class ContinualSection(Section):
     ewc: ContinualEwcSettings | None = Field(None, description="EWC settings (strategy ewc): the penalty pulls each "
                                              "stage towards the previous stage's weights, by their Fisher information.")
     metric: str = Field("accuracy", description="The metric of the forgetting matrix.")
+    label_space: Literal["shared", "per_stage"] = Field(
+        "shared", description="shared (class-incremental): every example is trained and predicted among all the "
+        "stages' labels; per_stage (task-incremental): among its own stage's labels only (the one head's other "
+        "logits masked out, so each stage has its own head sharing one output layer). Stages' label sets must then "
+        "be equal or disjoint."
+    )
 
     @model_validator(mode="after")
     def _consistent(self) -> "ContinualSection":

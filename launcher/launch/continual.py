@@ -4,7 +4,9 @@ one model carried through, and the forgetting matrix.
 Each stage is a normal run (`launcher run`'s own path: plan, accelerate launch, checkpoints) in
 `<output.dir>/stages/<index>-<name>/`, of the recipe with the stage's `data:`/`training:` keys over it,
 `model.name_or_path` = the previous stage's export, and `data.labels` = the shared label space (the union of
-the stages' label sets, in stage order, fixed before the first stage: one head, sized for every stage).
+the stages' label sets, in stage order, fixed before the first stage: one head, sized for every stage). With
+`label_space: per_stage` each stage's recipe also gets `data.label_groups` = the stages' label sets, and the
+task scores every example (trained, replayed or evaluated) among its own label's group only.
 After stage i its export is evaluated (`launcher eval`, one process: evaluation is exact on any number of
 ranks) on the test split of every stage j <= i: the forgetting matrix. A finished stage and an evaluated cell
 are skipped when the same command runs again, and an interrupted stage resumes from its checkpoint, so a
@@ -74,13 +76,16 @@ class ContinualRun:
     directory: Path
     stages: list[Stage]
     labels: list[str]
-    columns: dict  # stage index -> {"text": ..., "text_pair": ..., "label": ...} column names
+    columns: dict
+    label_groups: list[list[str]] = field(default_factory=list)  # label_space per_stage: the stages' label sets  # stage index -> {"text": ..., "text_pair": ..., "label": ...} column names
 
     def overrides(self, stage: Stage, *, training: bool = True) -> list[str]:
         """Stage `stage`'s recipe: the user's overrides, no continual section, the stage's keys, the shared
         labels, its run directory, the previous stage's export (and, with replay, the mixed training file)."""
         result = [*self.base_overrides, "continual=null", *stage.own_overrides,
                   f"data.labels={json.dumps(self.labels)}", f"output.dir={json.dumps(str(stage.run_dir))}"]
+        if self.label_groups:
+            result.append(f"data.label_groups={json.dumps(self.label_groups)}")
         if stage.index > 0:
             result.append(f"model.name_or_path={json.dumps(str(self.stages[stage.index - 1].export))}")
         if training and self.settings.strategy == "ewc" and stage.index > 0:
@@ -100,6 +105,7 @@ class ContinualRun:
     def as_dict(self) -> dict:
         return {"recipe": str(self.recipe_path), "overrides": self.base_overrides, "directory": str(self.directory),
                 "strategy": self.settings.strategy, "labels": self.labels,
+                "label_space": self.settings.label_space, "label_groups": self.label_groups or None,
                 "replay": self.settings.replay.model_dump() if self.settings.replay else None,
                 "ewc": self.settings.ewc.model_dump() if self.settings.ewc else None,
                 "stages": [{"index": s.index, "name": s.name, "run_dir": str(s.run_dir)} for s in self.stages]}
@@ -141,6 +147,7 @@ def make_continual(recipe_path: str | Path, overrides: list[str]) -> ContinualRu
         stages.append(Stage(index, spec.name, directory / "stages" / f"{index}-{spec.name}", own))
     run = ContinualRun(recipe_path, list(overrides), settings, directory, stages, [], {})
     labels: list[str] = []
+    stage_labels: list[list[str]] = []
     for stage in stages:
         stage_overrides = [o for o in run.overrides(stage, training=False) if not o.startswith("data.labels=")]
         try:
@@ -153,6 +160,7 @@ def make_continual(recipe_path: str | Path, overrides: list[str]) -> ContinualRu
         except LauncherError as exc:
             raise _stage_error(stage.index, stage.name, exc) from None
         labels += [name for name in task.label_names if name not in labels]
+        stage_labels.append(list(task.label_names))
         columns = {"text": data.text_column, "text_pair": data.text_pair_column, "label": data.label_column}
         run.columns[stage.index] = columns
         if settings.strategy == "replay":
@@ -165,7 +173,28 @@ def make_continual(recipe_path: str | Path, overrides: list[str]) -> ContinualRu
             raise LauncherError("continual: replay mixes rows of every stage into one file; the stages must all have "
                                 "data.text_pair_column, or none")
     run.labels = labels
+    if settings.label_space == "per_stage":
+        run.label_groups = label_groups(stage_labels, [s.name for s in stages])
     return run
+
+
+def label_groups(stage_labels: list[list[str]], names: list[str]) -> list[list[str]]:
+    """label_space per_stage: the distinct label sets of the stages (in stage order), each a group an example
+    is scored within, found by the example's label; so a label may belong to one set only."""
+    groups: list[list[str]] = []
+    owner: dict[str, int] = {}
+    for index, own in enumerate(stage_labels):
+        if any(set(own) == set(group) for group in groups):
+            continue
+        for name in own:
+            if name in owner:
+                raise LauncherError(f"continual.label_space: per_stage scores each example among its own stage's "
+                                    f"labels, found by its label, but label {name!r} is in stage {owner[name]} "
+                                    f"({names[owner[name]]}) and stage {index} ({names[index]}) with different label "
+                                    f"sets; give the stages equal or disjoint label sets, or use label_space: shared")
+            owner[name] = index
+        groups.append(list(own))
+    return groups
 
 
 def _normalized(dataset, columns: dict) -> list[dict]:
@@ -250,7 +279,11 @@ def check_finished(run: ContinualRun, stage: Stage) -> None:
 
 def print_stages(run: ContinualRun) -> None:
     print(f"continual run of {len(run.stages)} stages ({run.settings.strategy}) in {run.directory}")
-    print(f"  shared label space ({len(run.labels)}): {', '.join(run.labels)}")
+    if run.label_groups:
+        print(f"  one head over {len(run.labels)} labels, label_space per_stage: each example scored among its own "
+              f"stage's: {' | '.join(', '.join(g) for g in run.label_groups)}")
+    else:
+        print(f"  shared label space ({len(run.labels)}): {', '.join(run.labels)}")
     for stage in run.stages:
         state = point_state(stage.run_dir)
         print(f"  {stage.index:>3}  {stage.name}  {'finished: skipped' if state == 'finished' else state}")
@@ -402,7 +435,9 @@ def read_matrix(run: ContinualRun) -> list[list[float]]:
 def write_matrix(run: ContinualRun) -> dict:
     matrix = read_matrix(run)
     result = {"strategy": run.settings.strategy, "metric": run.settings.metric,
-              "stages": [s.name for s in run.stages], "labels": run.labels, "matrix": matrix, **summarize(matrix),
+              "stages": [s.name for s in run.stages], "labels": run.labels,
+              "label_space": run.settings.label_space, "label_groups": run.label_groups or None, "matrix": matrix,
+              **summarize(matrix),
               "cells": [[str(cell_path(t, s)) for s in run.stages[: t.index + 1]] for t in run.stages]}
     write_json_atomic(run.directory / "metrics.json", {"continual": result})
     return result

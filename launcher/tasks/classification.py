@@ -41,6 +41,7 @@ class SequenceClassificationTask(Task):
         super().__init__(recipe)
         self.label_names: list[str] = []
         self.label_to_id: dict[str, int] = {}
+        self.label_mask: torch.Tensor | None = None  # data.label_groups, see _group_mask
 
     # ---- data ---------------------------------------------------------------------------
     def required_columns(self, split: str) -> dict[str, str]:
@@ -70,8 +71,45 @@ class SequenceClassificationTask(Task):
                 f"data.label_column {data.label_column!r}: found {len(names)} distinct label(s) {names} in the "
                 f"training split; classification needs at least 2"
             )
+        self._set_labels(names)
+
+    def _set_labels(self, names: list[str]) -> None:
         self.label_names = names
         self.label_to_id = {name: i for i, name in enumerate(names)}
+        self.label_mask = self._group_mask()
+
+    def _group_mask(self) -> torch.Tensor | None:
+        """data.label_groups as a [labels, labels] bool matrix: row y = the labels an example labelled y is
+        scored among (its group's). None without groups: every example among all labels."""
+        groups = self.recipe.data.label_groups
+        if groups is None:
+            return None
+        mask = torch.zeros(len(self.label_names), len(self.label_names), dtype=torch.bool)
+        group_of: dict[str, int] = {}
+        for index, group in enumerate(groups):
+            for value in group:
+                name = _label_key(value)
+                if name not in self.label_to_id:
+                    raise DataError(f"data.label_groups: label {value!r} is not among the labels {self.label_names}")
+                if name in group_of:
+                    raise DataError(f"data.label_groups: label {value!r} is in groups {group_of[name]} and {index}; "
+                                    f"the groups must not overlap")
+                group_of[name] = index
+        missing = [name for name in self.label_names if name not in group_of]
+        if missing:
+            raise DataError(f"data.label_groups: labels {missing} are in no group; each label needs one")
+        for name, index in group_of.items():
+            members = [self.label_to_id[_label_key(v)] for v in groups[index]]
+            mask[self.label_to_id[name], members] = True
+        return mask
+
+    def scored_logits(self, logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
+        """The logits an example is scored on: with data.label_groups, those outside its label's group are -inf
+        (no probability, no gradient); without, all of them."""
+        if self.label_mask is None:
+            return logits
+        allowed = self.label_mask.to(logits.device)[labels]
+        return logits.masked_fill(~allowed, float("-inf"))
 
     def clean_split(self, split: str, dataset, source: str):
         data = self.recipe.data
@@ -111,8 +149,7 @@ class SequenceClassificationTask(Task):
         return {"label_names": self.label_names}
 
     def restore_fitted(self, state: dict) -> None:
-        self.label_names = list(state["label_names"])
-        self.label_to_id = {name: i for i, name in enumerate(self.label_names)}
+        self._set_labels(list(state["label_names"]))
 
     def encoder(self, tokenizer):
         data = self.recipe.data
@@ -158,7 +195,7 @@ class SequenceClassificationTask(Task):
         return torch.tensor(batch["labels"].numel(), dtype=torch.float64)
 
     def loss_sum(self, outputs, batch: Batch) -> torch.Tensor:
-        return F.cross_entropy(outputs.logits.float(), batch["labels"], reduction="sum")
+        return F.cross_entropy(self.scored_logits(outputs.logits.float(), batch["labels"]), batch["labels"], reduction="sum")
 
     def describe_batch(self, batch: Batch, tokenizer) -> list[str]:
         lines = super().describe_batch(batch, tokenizer)
@@ -166,7 +203,7 @@ class SequenceClassificationTask(Task):
 
     # ---- evaluation ---------------------------------------------------------------------
     def records(self, outputs, batch: Batch) -> list[Record]:
-        logits = outputs.logits.float()
+        logits = self.scored_logits(outputs.logits.float(), batch["labels"])
         losses = F.cross_entropy(logits, batch["labels"], reduction="none")
         probabilities = logits.softmax(-1)
         return [

@@ -231,6 +231,35 @@ def test_ewc_stage_under_zero2_equals_one_process_and_the_penalty_holds(ewc_run,
     assert held < 0.5 * fisher_distance(fisher_file, naive / "model")
 
 
+@pytest.mark.slow
+def test_per_stage_evaluation_predicts_among_the_stage_labels(ewc_run, isolated_env):
+    """The forgetting matrix's evaluation with label_space per_stage (data.label_groups, as the continual run
+    passes it): the last stage's model on the first stage's test split answers among that stage's labels,
+    with the shared evaluation's probabilities renormalized over them (the same model, the same rows)."""
+    from launcher.launch.continual import make_continual
+
+    run = make_continual(ewc_run["recipe"], [])
+    groups = json.dumps([run.labels[:2], run.labels[2:]])
+    out = ewc_run["tmp"] / "per-stage-eval"
+    command = [sys.executable, "-m", "launcher", "eval", str(ewc_run["recipe"]), *run.overrides(run.stages[0], training=False),
+               f"data.label_groups={groups}", "--checkpoint", str(ewc_run["second"] / "model"), "--split", "test",
+               "--output", str(out)]
+    check_ok(subprocess.run(command, env=isolated_env, cwd=REPO, capture_output=True, text=True, timeout=900))
+    own = ["negative", "positive"]
+    shared = [json.loads(line) for line in (ewc_run["second"] / "continual-eval" / "0-sentiment" / "test-predictions.jsonl").open()]
+    masked = [json.loads(line) for line in (out / "test-predictions.jsonl").open()]
+    assert len(masked) == len(shared) > 0 and [r["id"] for r in masked] == [r["id"] for r in shared]
+    assert all(plain["probabilities"]["music"] > 0 for plain in shared)  # shared: the topic labels have a share
+    for plain, row in zip(shared, masked):
+        assert row["probabilities"]["music"] == row["probabilities"]["other"] == 0.0
+        kept = {name: plain["probabilities"][name] for name in own}
+        assert row["prediction"] == max(kept, key=kept.get)
+        for name in own:
+            assert row["probabilities"][name] == pytest.approx(kept[name] / sum(kept.values()), abs=2e-5)
+    accuracy = sum(r["prediction"] == r["label"] for r in masked) / len(masked)
+    assert json.loads((out / "test.json").read_text())["metrics"]["accuracy"] == pytest.approx(accuracy)
+
+
 def test_report_of_a_continual_and_a_plain_run_together_is_one_line(tmp_path):
     continual, plain = tmp_path / "continual", tmp_path / "plain"
     continual.mkdir()

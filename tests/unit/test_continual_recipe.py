@@ -6,16 +6,19 @@ from __future__ import annotations
 
 
 import pytest
+import torch
+import torch.nn.functional as F
 import yaml
 from assets import write_toy_topic_csv
 from conftest import toy_recipe_dict
 
 from launcher.cli import main
-from launcher.errors import LauncherError, RecipeError
+from launcher.errors import DataError, LauncherError, RecipeError
 from launcher.forgetting import summarize, table
-from launcher.launch.continual import make_continual, replay_buffer, replay_count, replay_rows
+from launcher.launch.continual import label_groups, make_continual, replay_buffer, replay_count, replay_rows
 from launcher.launch.plan import LaunchRequest, build_plan
 from launcher.recipe import load_recipe
+from launcher.tasks import TASKS
 
 
 def continual_recipe(assets, tmp_path, topic_dir, **continual) -> dict:
@@ -49,6 +52,7 @@ def write(tmp_path, recipe) -> str:
 
 @pytest.mark.parametrize("change, message", [
     (lambda c: c.update(strategy="forget"), "continual.strategy: Input should be 'naive', 'replay' or 'ewc'"),
+    (lambda c: c.update(label_space="per_task"), "continual.label_space: Input should be 'shared' or 'per_stage'"),
     (lambda c: c.update(ewc={"weight": 1.0}), "continual.ewc is set but strategy is naive"),
     (lambda c: c.update(strategy="ewc"), "strategy ewc needs continual.ewc (at least weight)"),
     (lambda c: c["stages"][1]["data"].pop("train"), "stage 'topic' has no data.train; each stage trains on its own data"),
@@ -109,6 +113,58 @@ def test_stage_recipes_share_the_label_union_and_carry_the_model(assets, tmp_pat
     assert second.data.max_length == 32 and second.training.max_steps == 3 and first.training.max_steps is None
     assert first.data.labels == second.data.labels == run.labels
     assert first.training.learning_rate == second.training.learning_rate == 1e-3
+
+
+def test_per_stage_label_space_scores_each_example_among_its_own_stage_labels(assets, tmp_path, topic_dir):
+    """Task-incremental: in training (the stage's own rows and replayed rows alike) and in the matrix's
+    evaluations, an example's loss and prediction are over its own stage's labels, the other logits out."""
+    path = write(tmp_path, continual_recipe(assets, tmp_path, topic_dir, label_space="per_stage"))
+    run = make_continual(path, [])
+    assert run.labels == ["negative", "positive", "music", "other"]
+    assert run.label_groups == [["negative", "positive"], ["music", "other"]]
+    for stage in run.stages:
+        for training in (True, False):  # the stage's run, and the evaluations of its test split
+            assert load_recipe(path, run.overrides(stage, training=training)).data.label_groups == run.label_groups
+    shared = make_continual(write(tmp_path, continual_recipe(assets, tmp_path, topic_dir)), [])
+    assert shared.label_groups == [] and load_recipe(path, shared.overrides(shared.stages[1])).data.label_groups is None
+
+    def task_of(overrides):
+        recipe = load_recipe(path, overrides)
+        task = TASKS[recipe.task](recipe)
+        task.fit(None)  # data.labels is given: the label set does not come from the data
+        return task
+
+    per_stage, whole = task_of(run.overrides(run.stages[1])), task_of(shared.overrides(shared.stages[1]))
+    # The topic stage's batch: a topic row and, as replay would add, sentiment rows. The largest logits are
+    # always the other stage's.
+    logits = torch.tensor([[1.0, 2.0, 9.0, 8.0], [0.5, -1.0, 7.0, 9.0], [6.0, 9.0, 0.0, 1.0], [9.0, 7.0, 0.3, -0.2]],
+                          requires_grad=True)
+    labels = torch.tensor([0, 0, 2, 3])  # negative, negative, music, other
+    batch = {"labels": labels, "example_id": torch.arange(4)}
+    outputs = type("Outputs", (), {"logits": logits})()
+    groups = [[0, 1], [0, 1], [2, 3], [2, 3]]
+    by_hand = sum(F.cross_entropy(logits[i, g][None], torch.tensor([g.index(int(labels[i]))])) for i, g in enumerate(groups))
+    loss = per_stage.loss_sum(outputs, batch)
+    assert loss.item() == pytest.approx(by_hand.item(), rel=1e-6)
+    loss.backward()
+    for i, g in enumerate(groups):  # no gradient reaches the other stage's logits
+        assert all(logits.grad[i, k] == 0 for k in range(4) if k not in g) and logits.grad[i, g].abs().sum() > 0
+    records = per_stage.records(outputs, batch)
+    assert [r["prediction"] for r in records] == [1, 0, 3, 2]  # within the example's own stage's labels
+    assert [r["probabilities"][k] for r, g in zip(records, groups) for k in range(4) if k not in g] == [0.0] * 8
+    assert [r["prediction"] for r in whole.records(outputs, batch)] == [2, 3, 1, 0]  # shared: among all four
+    assert whole.loss_sum(outputs, batch).item() > loss.item() + 10
+
+
+def test_per_stage_label_sets_must_be_equal_or_disjoint(assets, tmp_path):
+    assert label_groups([["a", "b"], ["c", "d", "e"], ["b", "a"]], ["s0", "s1", "s2"]) == [["a", "b"], ["c", "d", "e"]]
+    with pytest.raises(LauncherError, match=r"label 'b' is in stage 0 \(s0\) and stage 1 \(s1\) with different label "
+                                            r"sets; give the stages equal or disjoint label sets, or use label_space: shared"):
+        label_groups([["a", "b"], ["b", "c"]], ["s0", "s1"])
+    recipe = load_recipe(write(tmp_path, toy_recipe_dict(assets, tmp_path / "run")),
+                         ['data.labels=["negative", "positive", "x"]', 'data.label_groups=[["negative"], ["positive"]]'])
+    with pytest.raises(DataError, match=r"data.label_groups: labels \['x'\] are in no group; each label needs one"):
+        TASKS[recipe.task](recipe).fit(None)
 
 
 # ---- replay --------------------------------------------------------------------------------------
