@@ -76,8 +76,8 @@ class ContinualRun:
     directory: Path
     stages: list[Stage]
     labels: list[str]
-    columns: dict
-    label_groups: list[list[str]] = field(default_factory=list)  # label_space per_stage: the stages' label sets  # stage index -> {"text": ..., "text_pair": ..., "label": ...} column names
+    columns: dict  # stage index -> {"text": ..., "text_pair": ..., "label": ...} column names
+    label_groups: list[list[str]] = field(default_factory=list)  # label_space per_stage: the stages' label sets
 
     def overrides(self, stage: Stage, *, training: bool = True) -> list[str]:
         """Stage `stage`'s recipe: the user's overrides, no continual section, the stage's keys, the shared
