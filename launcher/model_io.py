@@ -56,6 +56,8 @@ def probe_hub_config(recipe: Recipe) -> None:
     """For `launcher check`: a Hub model whose config is not in the local cache is looked up once, without
     retries, and an unreachable Hub is HubModelUnavailable at once. (Loading it through transformers
     retries a failed connection five times, ~23 s, before saying the same.)"""
+    if recipe.model.gguf_file:
+        return  # a GGUF file is read from a local directory (gguf_location checks it), never from the Hub
     location = model_location(recipe)
     if Path(location).exists():
         return
