@@ -6,8 +6,10 @@
     LAUNCHER_FAULT=nan-loss:STEP             rank 0's training loss at that optimizer step is NaN
                                              (and so are its gradients; under DDP, every rank's):
                                              what training.on_nonfinite_loss handles
-    LAUNCHER_TEST_STEP_DELAY=SECONDS         sleep that long in every optimizer step (to interrupt a
-                                             tiny run at a step nobody chose)
+    LAUNCHER_TEST_STEP_DELAY=SECONDS         sleep that long in every optimizer step of an attempt that
+                                             did not resume (to interrupt a tiny run at a step nobody
+                                             chose; the resumed attempt, e.g. Slurm's requeue of the
+                                             same job and environment, runs at full speed)
 """
 
 from __future__ import annotations
@@ -25,7 +27,7 @@ def active_test_settings() -> list[str]:
                      f"(a test-only setting; unset it for real runs)")
     if os.environ.get("LAUNCHER_TEST_STEP_DELAY"):
         lines.append(f"LAUNCHER_TEST_STEP_DELAY={os.environ['LAUNCHER_TEST_STEP_DELAY']} is set: every optimizer "
-                     f"step sleeps that many seconds (a test-only setting; unset it for real runs)")
+                     f"step sleeps that many seconds unless the run resumed (a test-only setting; unset it for real runs)")
     return lines
 
 
@@ -49,7 +51,7 @@ def nonfinite_loss(loss, rank: int, step: int):
     return loss
 
 
-def step_delay() -> None:
+def step_delay(resumed: bool) -> None:
     delay = os.environ.get("LAUNCHER_TEST_STEP_DELAY")
-    if delay:
+    if delay and not resumed:
         time.sleep(float(delay))

@@ -327,7 +327,7 @@ class FineTuneRun:
         next log/validation/checkpoint."""
         accelerator, model, task, state = self.accelerator, self.model, self.task, self.state
         faults.raise_at_step(self.rank, state.step + 1)
-        faults.step_delay()
+        faults.step_delay(resumed=self.start.resume_from is not None)
         host_batches = [task.collate_train(self.train_features[indices], self.tokenizer) for indices in micro_batches]
         local_targets = float(sum(task.count_targets(batch) for batch in host_batches))
         tokens = [float(batch["attention_mask"].sum()) if "attention_mask" in batch else 0.0 for batch in host_batches]
