@@ -139,6 +139,9 @@ def build_parser() -> argparse.ArgumentParser:
     evaluate.add_argument("--checkpoint", type=Path, help="a model directory exported by the launcher (any fine-tuning method)")
     evaluate.add_argument("--split", default="test", choices=["train", "validation", "test"], help="which split (default test)")
     evaluate.add_argument("--output", type=Path, help="where to write <split>.json and predictions (default <output.dir>/eval)")
+    evaluate.add_argument("--jobs", type=Path, metavar="FILE", help='several evaluations of the same checkpoint in one '
+                          'process: a JSON list of {"overrides": [KEY=VALUE, ...], "output": DIR}, each applied after '
+                          'the command line\'s overrides')
 
     fisher = sub.add_parser(
         "fisher", help="the diagonal Fisher of an exported model on the recipe's training split, for an ewc: penalty "
@@ -261,7 +264,7 @@ def cmd_sweep(args) -> int:
 
 def cmd_eval(args) -> int:
     import_heavy_libraries()
-    run_evaluation(args.recipe, args.overrides, args.split, args.checkpoint, args.output)
+    run_evaluation(args.recipe, args.overrides, args.split, args.checkpoint, args.output, args.jobs)
     return EXIT_OK
 
 

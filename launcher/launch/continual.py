@@ -7,8 +7,8 @@ Each stage is a normal run (`launcher run`'s own path: plan, accelerate launch, 
 the stages' label sets, in stage order, fixed before the first stage: one head, sized for every stage). With
 `label_space: per_stage` each stage's recipe also gets `data.label_groups` = the stages' label sets, and the
 task scores every example (trained, replayed or evaluated) among its own label's group only.
-After stage i its export is evaluated (`launcher eval`, one process: evaluation is exact on any number of
-ranks) on the test split of every stage j <= i: the forgetting matrix. A finished stage and an evaluated cell
+After stage i its export is evaluated (`launcher eval --jobs`, one process for the whole row: evaluation is exact
+on any number of ranks) on the test split of every stage j <= i: the forgetting matrix. A finished stage and an evaluated cell
 are skipped when the same command runs again, and an interrupted stage resumes from its checkpoint, so a
 killed continual run resumes exactly.
 
@@ -366,13 +366,9 @@ def _run_stage(run: ContinualRun, stage: Stage, request: LaunchRequest, finished
             print(f"continual stage {stage.index} ({stage.name}) failed (exit {code}); run the same command again "
                   f"to retry it (finished stages are skipped)", file=sys.stderr)
             return code
-    for seen in run.stages[: stage.index + 1]:
-        if stop:
-            return _stopped(stage)
-        code = _evaluate(run, stage, seen)
-        if code != EXIT_OK:
-            return code
-    return EXIT_OK
+    if stop:
+        return _stopped(stage)
+    return _evaluate(run, stage, run.stages[: stage.index + 1])
 
 
 def fisher_dir(stage: Stage) -> Path:
@@ -400,19 +396,23 @@ def cell_path(trained: Stage, seen: Stage) -> Path:
     return trained.eval_dir / f"{seen.index}-{seen.name}" / "test.json"
 
 
-def _evaluate(run: ContinualRun, trained: Stage, seen: Stage) -> int:
-    """Stage `trained`'s export on stage `seen`'s test split (one process: evaluation is exact on any
-    number of ranks), unless already on record."""
-    path = cell_path(trained, seen)
-    if path.is_file():
+def _evaluate(run: ContinualRun, trained: Stage, seen: list[Stage]) -> int:
+    """Stage `trained`'s export on the test split of every stage in `seen` whose cell is not on record yet, in
+    one process (`launcher eval --jobs`: evaluation is exact on any number of ranks; one process start per
+    stage instead of one per cell)."""
+    pending = [s for s in seen if not cell_path(trained, s).is_file()]
+    if not pending:
         return EXIT_OK
-    command = [sys.executable, "-m", "launcher", "eval", str(run.recipe_path), *run.overrides(seen, training=False),
-               "--checkpoint", str(trained.export), "--split", "test", "--output", str(path.parent)]
-    print(f"--- after {trained.name}: evaluating on {seen.name}'s test split", flush=True)
+    jobs = trained.eval_dir / "jobs.json"
+    write_json_atomic(jobs, [{"overrides": run.overrides(s, training=False), "output": str(cell_path(trained, s).parent)}
+                             for s in pending])
+    command = [sys.executable, "-m", "launcher", "eval", str(run.recipe_path), "--checkpoint", str(trained.export),
+               "--split", "test", "--jobs", str(jobs)]
+    print(f"--- after {trained.name}: evaluating on the test split of {', '.join(s.name for s in pending)}", flush=True)
     code = subprocess.run(command).returncode
     if code != EXIT_OK:
-        print(f"continual: evaluating stage {trained.index}'s model on stage {seen.index}'s test split failed "
-              f"(exit {code}); run the same command again to retry", file=sys.stderr)
+        print(f"continual: evaluating stage {trained.index}'s model on the stages' test splits failed (exit {code}); "
+              f"run the same command again to retry (finished cells are kept)", file=sys.stderr)
         return code if code == 2 else EXIT_FAILURE
     return EXIT_OK
 

@@ -81,7 +81,7 @@ def evaluate_in_one_process(run_dir, split: str, out_dir) -> tuple[dict, list[di
     from launcher.engine.eval import run_evaluation
 
     try:
-        result = run_evaluation(str(run_dir / "recipe.yaml"), [], split, run_dir / "model", out_dir)
+        (result,) = run_evaluation(str(run_dir / "recipe.yaml"), [], split, run_dir / "model", out_dir)
     finally:
         AcceleratorState._reset_state(True)
     rows = [json.loads(x) for x in (out_dir / f"{split}-predictions.jsonl").read_text().splitlines()]
@@ -112,6 +112,33 @@ def test_two_rank_evaluation_equals_one_process_on_the_same_weights(split_runs, 
     # in test_eval.test_exported_checkpoint_evaluates_on_any_split.)
     positive = [r["probabilities"]["positive"] for r in rows]
     assert max(positive) - min(positive) > 50 * 2e-6
+
+
+def test_eval_jobs_in_one_process_equal_separate_evaluations(split_runs, assets, tmp_path):
+    """`launcher eval --jobs` (what a continual run uses for a row of its matrix): two evaluations of one
+    checkpoint in one process, the second with another test file, each equal to its own evaluation."""
+    from accelerate.state import AcceleratorState
+
+    from launcher.cli import main
+
+    run_dir = split_runs["4x1x2"]
+    jobs = tmp_path / "jobs.json"
+    jobs.write_text(json.dumps([{"overrides": [], "output": str(tmp_path / "as-is")},
+                                {"overrides": [f"data.test={assets['validation']}"], "output": str(tmp_path / "swapped")}]))
+    try:
+        assert main(["eval", str(run_dir / "recipe.yaml"), "--checkpoint", str(run_dir / "model"), "--jobs", str(jobs)]) == 0
+    finally:
+        AcceleratorState._reset_state(True)
+    as_is = json.loads((tmp_path / "as-is" / "test.json").read_text())["metrics"]
+    swapped = json.loads((tmp_path / "swapped" / "test.json").read_text())["metrics"]
+    double = json.loads((run_dir / "metrics.json").read_text())
+    assert (as_is["num_examples"], swapped["num_examples"]) == (53, 37)
+    for key in ("accuracy", "f1_macro", "confusion_matrix"):
+        assert as_is[key] == double["test"][key] and swapped[key] == double["validation"][key], key
+    assert swapped["loss"] == pytest.approx(double["validation"]["loss"], rel=1e-6)
+    # a malformed job file is one line naming the option, before anything is evaluated
+    jobs.write_text(json.dumps([{"overides": []}]))
+    assert main(["eval", str(run_dir / "recipe.yaml"), "--checkpoint", str(run_dir / "model"), "--jobs", str(jobs)]) == 2
 
 
 @pytest.fixture(scope="module")
