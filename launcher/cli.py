@@ -22,7 +22,6 @@ from .launch.plan import LaunchRequest, build_plan
 from .launch.slurm import SlurmRequest, check_request, sbatch_path, submit, write_job
 from .launch.sweep import make_sweep, parse_grid_args, read_sweep_file, run_local, run_slurm
 from .launch.sweep_summary import markdown_table, summarize, write_summary
-from .model_io import probe_hub_config
 from .recipe import load_recipe, recipe_to_yaml
 from .report import write_report
 from .schema import STRATEGIES
@@ -280,8 +279,7 @@ def cmd_check(args) -> int:
     recipe = load_recipe(args.recipe, args.overrides)
     try:
         task = TASKS[recipe.task](recipe)  # a task checks its own settings when it is created
-        probe_hub_config(recipe)  # offline: the note at once, not after the Hub client's retries
-        task.check_limits()
+        task.check_limits()  # (an unreachable Hub: the note at once, load_pretrained_config probes it first)
     except HubModelUnavailable as exc:
         # The recipe is valid; its model is fetched where it runs (run/slurm/train refuse it there if not).
         print(f"note: lengths not checked against the model's position limit: {exc}", file=sys.stderr)

@@ -53,7 +53,7 @@ def load_error(key: str, location: str, exc: Exception, what: str) -> ModelError
 
 
 def probe_hub_config(recipe: Recipe) -> None:
-    """For `launcher check`: a Hub model whose config is not in the local cache is looked up once, without
+    """Before a config is loaded: a Hub model whose config is not in the local cache is looked up once, without
     retries, and an unreachable Hub is HubModelUnavailable at once. (Loading it through transformers
     retries a failed connection five times, ~23 s, before saying the same.)"""
     if recipe.model.gguf_file:

@@ -18,7 +18,7 @@ import torch
 
 from .. import timing
 from ..errors import ModelError
-from ..model_io import load_error, model_location
+from ..model_io import load_error, model_location, probe_hub_config
 from ..schema import Recipe, Section
 
 Batch = dict[str, Any]
@@ -263,6 +263,7 @@ def load_pretrained_config(recipe: Recipe, **task_kwargs):
     from transformers import AutoConfig
 
     location = model_location(recipe)
+    probe_hub_config(recipe)  # an unreachable Hub: one line at once, not after the Hub client's ~23 s of retries
     try:
         config = AutoConfig.from_pretrained(
             location, trust_remote_code=recipe.model.trust_remote_code, revision=recipe.model.revision

@@ -68,6 +68,21 @@ def test_offline_without_the_model_in_the_cache_is_one_line_naming_the_hub(empty
     assert not (tmp_path / "run").exists()
 
 
+@pytest.mark.parametrize("command", [["train", str(RECIPE)], ["run", str(RECIPE), "--dry-run"]])
+def test_an_unreachable_hub_is_one_line_at_once(isolated_env, tmp_path, command):
+    """HF_HUB_OFFLINE unset and no network (this machine reaches no Hub): one lookup without retries, not the Hub
+    client's five retries (~23 s) before the same line."""
+    env = {key: value for key, value in isolated_env.items() if key not in ("HF_HUB_OFFLINE", "TRANSFORMERS_OFFLINE")}
+    result = launcher(command, dict(env, HF_HOME=str(tmp_path / "hf")), tmp_path)
+    assert result.returncode == 2, result.stderr[-3000:]
+    errors = [line for line in result.stderr.splitlines() if line.startswith("error:")]
+    assert len(errors) == 1 and errors[0].startswith(
+        "error: model.name_or_path: could not load config for bert-base-cased from the Hugging Face Hub (")
+    assert errors[0].endswith("check the id and the network, or point model.name_or_path at a local directory")
+    assert "Retrying in" not in result.stderr and "Traceback" not in result.stderr
+    assert not (tmp_path / "run").exists()
+
+
 def write_cache_entry(hf_home):
     """A Hugging Face Hub cache entry for bert-base-cased as `hf download` leaves it (refs/main ->
     snapshots/<commit>/), holding the model's published config.json and a stand-in WordPiece tokenizer
