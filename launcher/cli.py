@@ -139,8 +139,8 @@ def build_parser() -> argparse.ArgumentParser:
     evaluate.add_argument("--split", default="test", choices=["train", "validation", "test"], help="which split (default test)")
     evaluate.add_argument("--output", type=Path, help="where to write <split>.json and predictions (default <output.dir>/eval)")
     evaluate.add_argument("--jobs", type=Path, metavar="FILE", help='several evaluations of the same checkpoint in one '
-                          'process: a JSON list of {"overrides": [KEY=VALUE, ...], "output": DIR}, each applied after '
-                          'the command line\'s overrides')
+                          'process: a JSON list of {"overrides": [KEY=VALUE, ...], "output": DIR} (each its own DIR; '
+                          'the overrides apply after the command line\'s)')
 
     fisher = sub.add_parser(
         "fisher", help="the diagonal Fisher of an exported model on the recipe's training split, for an ewc: penalty "

@@ -45,8 +45,9 @@ def run_evaluation(recipe_path: str, overrides: list[str], split: str, checkpoin
     stage seen so far without paying a process start (~5-10 s of imports) per cell."""
     each = [(overrides, output)]
     if jobs is not None:
-        each = [([*overrides, *entry.get("overrides", [])], Path(entry["output"]) if entry.get("output") else output)
-                for entry in _read_jobs(jobs)]
+        if output is not None:
+            raise LauncherError("--output and --jobs: give each job its own \"output\" in the jobs file, not --output")
+        each = [([*overrides, *entry.get("overrides", [])], Path(entry["output"])) for entry in _read_jobs(jobs)]
     recipes = [eval_recipe(recipe_path, job_overrides, checkpoint) for job_overrides, _ in each]  # all checked first
     topology = plan_topology(recipes[0])
     accelerator = build_accelerator(recipes[0], topology)
@@ -62,10 +63,14 @@ def _read_jobs(path: Path) -> list[dict]:
     except (OSError, ValueError) as exc:
         raise LauncherError(f"--jobs: cannot read {path} as JSON ({exc})") from None
     if not isinstance(entries, list) or not entries or not all(
-            isinstance(e, dict) and set(e) <= {"overrides", "output"} and isinstance(e.get("overrides", []), list)
+            isinstance(e, dict) and set(e) <= {"overrides", "output"} and isinstance(e.get("output"), str)
+            and isinstance(e.get("overrides", []), list) and all(isinstance(o, str) for o in e.get("overrides", []))
             for e in entries):
         raise LauncherError(f'--jobs: {path} must hold a non-empty JSON list of {{"overrides": [KEY=VALUE, ...], '
                             f'"output": DIR}} objects')
+    outputs = [str(Path(e["output"]).resolve()) for e in entries]
+    if len(set(outputs)) != len(outputs):
+        raise LauncherError(f"--jobs: {path} names one output directory for several jobs; give each its own")
     return entries
 
 

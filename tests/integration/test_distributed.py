@@ -114,7 +114,7 @@ def test_two_rank_evaluation_equals_one_process_on_the_same_weights(split_runs, 
     assert max(positive) - min(positive) > 50 * 2e-6
 
 
-def test_eval_jobs_in_one_process_equal_separate_evaluations(split_runs, assets, tmp_path):
+def test_eval_jobs_in_one_process_equal_separate_evaluations(split_runs, assets, tmp_path, capsys):
     """`launcher eval --jobs` (what a continual run uses for a row of its matrix): two evaluations of one
     checkpoint in one process, the second with another test file, each equal to its own evaluation."""
     from accelerate.state import AcceleratorState
@@ -137,8 +137,10 @@ def test_eval_jobs_in_one_process_equal_separate_evaluations(split_runs, assets,
         assert as_is[key] == double["test"][key] and swapped[key] == double["validation"][key], key
     assert swapped["loss"] == pytest.approx(double["validation"]["loss"], rel=1e-6)
     # a malformed job file is one line naming the option, before anything is evaluated
-    jobs.write_text(json.dumps([{"overides": []}]))
-    assert main(["eval", str(run_dir / "recipe.yaml"), "--checkpoint", str(run_dir / "model"), "--jobs", str(jobs)]) == 2
+    for bad in ([{"overides": [], "output": "x"}], [{"overrides": []}], [{"output": "x"}, {"output": "x"}], []):
+        jobs.write_text(json.dumps(bad))
+        assert main(["eval", str(run_dir / "recipe.yaml"), "--checkpoint", str(run_dir / "model"), "--jobs", str(jobs)]) == 2
+        assert "error: --jobs: " in capsys.readouterr().err
 
 
 @pytest.fixture(scope="module")
