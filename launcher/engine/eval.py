@@ -49,6 +49,8 @@ def run_evaluation(recipe_path: str, overrides: list[str], split: str, checkpoin
             raise LauncherError("--output and --jobs: give each job its own \"output\" in the jobs file, not --output")
         each = [([*overrides, *entry.get("overrides", [])], Path(entry["output"])) for entry in _read_jobs(jobs)]
     recipes = [eval_recipe(recipe_path, job_overrides, checkpoint) for job_overrides, _ in each]  # all checked first
+    for recipe, (_, out) in zip(recipes, each):
+        check_writable(out or (recipe.output_dir() / "eval"))  # every output too, before any job writes its own
     topology = plan_topology(recipes[0])
     accelerator = build_accelerator(recipes[0], topology)
     try:

@@ -141,6 +141,11 @@ def test_eval_jobs_in_one_process_equal_separate_evaluations(split_runs, assets,
         jobs.write_text(json.dumps(bad))
         assert main(["eval", str(run_dir / "recipe.yaml"), "--checkpoint", str(run_dir / "model"), "--jobs", str(jobs)]) == 2
         assert "error: --jobs: " in capsys.readouterr().err
+    # an output that cannot be written, in the second job: refused before the first job writes anything
+    (tmp_path / "a-file").write_text("")
+    jobs.write_text(json.dumps([{"output": str(tmp_path / "first")}, {"output": str(tmp_path / "a-file" / "x")}]))
+    assert main(["eval", str(run_dir / "recipe.yaml"), "--checkpoint", str(run_dir / "model"), "--jobs", str(jobs)]) == 2
+    assert not (tmp_path / "first").exists()
 
 
 @pytest.fixture(scope="module")
