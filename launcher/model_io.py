@@ -52,23 +52,20 @@ def load_error(key: str, location: str, exc: Exception, what: str) -> ModelError
     )
 
 
-def probe_hub_config(recipe: Recipe) -> None:
-    """Before a config is loaded: a Hub model whose config is not in the local cache is looked up once, without
-    retries, and an unreachable Hub is HubModelUnavailable at once. (Loading it through transformers
-    retries a failed connection five times, ~23 s, before saying the same.)"""
-    if recipe.model.gguf_file:
-        return  # a GGUF file is read from a local directory (gguf_location checks it), never from the Hub
-    location = model_location(recipe)
+def probe_hub_config(location: str, revision: str | None) -> None:
+    """Before a config is loaded from ``location`` (model_location's answer): a Hub model whose config is not in the
+    local cache is looked up once, without retries, and an unreachable Hub is HubModelUnavailable at once. (Loading
+    it through transformers retries a failed connection five times, ~23 s, before saying the same.)"""
     if Path(location).exists():
         return
     from huggingface_hub import constants, get_hf_file_metadata, hf_hub_url, try_to_load_from_cache
     from huggingface_hub.errors import HfHubHTTPError
     import httpx2  # huggingface_hub's HTTP client: its TransportError is a connection that failed
 
-    if constants.HF_HUB_OFFLINE or isinstance(try_to_load_from_cache(location, "config.json", revision=recipe.model.revision), str):
+    if constants.HF_HUB_OFFLINE or isinstance(try_to_load_from_cache(location, "config.json", revision=revision), str):
         return  # offline: transformers answers from the cache at once; cached: no network needed
     try:
-        get_hf_file_metadata(hf_hub_url(location, "config.json", revision=recipe.model.revision))
+        get_hf_file_metadata(hf_hub_url(location, "config.json", revision=revision))
     except httpx2.TransportError as exc:
         raise load_error("model.name_or_path", location, exc, "config") from None
     except HfHubHTTPError:

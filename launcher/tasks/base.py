@@ -263,7 +263,7 @@ def load_pretrained_config(recipe: Recipe, **task_kwargs):
     from transformers import AutoConfig
 
     location = model_location(recipe)
-    probe_hub_config(recipe)  # an unreachable Hub: one line at once, not after the Hub client's ~23 s of retries
+    probe_hub_config(location, recipe.model.revision)  # an unreachable Hub: one line at once, not after the Hub client's ~23 s of retries
     try:
         config = AutoConfig.from_pretrained(
             location, trust_remote_code=recipe.model.trust_remote_code, revision=recipe.model.revision
